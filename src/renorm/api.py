@@ -1,0 +1,209 @@
+"""compress(): the one-call pipeline, and its Config.
+
+load -> prune -> quantize weights -> re-normalize BatchNorm -> calibrate activations ->
+evaluate each stage. The caller's model is never modified.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from renorm import __version__
+from renorm.data import ImageSource, Preset, open_images, sample
+from renorm.errors import RenormError
+from renorm.evaluate import agreement, accuracy, predict
+from renorm.models import LoadedModel, load_model
+from renorm.quantize.activations import (ActivationQuantConfig, activation_quantization_stats,
+                                         calibrate_activations)
+from renorm.quantize.weights import WeightQuantConfig, quantize_weights, weight_quantization_stats
+from renorm.renormalize import MODES, batchnorm_layers, renormalize
+from renorm.report import accuracy_table, stage
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything `compress` does. wbits=32 leaves weights in float, abits=32 activations."""
+
+    wbits: int = 4
+    scheme: str = "pow2"
+    first_last_bits: int = 8
+    abits: int = 32
+    renorm: str = "exact"
+    num_images: int = 1000
+    act_images: int = 400
+    batch_size: int = 50
+    warmup: int = 64
+    passes: int = 1
+    seed: int = 0
+    exclude: tuple[str, ...] = ()
+    prune: float = 0.0
+    prune_type: str = "unstructured"
+    prune_scope: str = "layer"
+    prune_importance: str = "l1"
+    prune_exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.renorm not in MODES:
+            raise RenormError(f"--renorm {self.renorm!r} is not a mode; choose one of {', '.join(MODES)}")
+        if self.batch_size < 1:
+            raise RenormError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.num_images < 1:
+            raise RenormError(f"--num-images must be at least 1, got {self.num_images}")
+        if self.abits != 32:
+            ActivationQuantConfig(self.abits, self.act_images)
+        self.weight_config()
+        if self.prune:
+            from renorm.prune import PruneConfig
+
+            self.prune_config()
+
+    def weight_config(self) -> WeightQuantConfig:
+        return WeightQuantConfig(self.wbits, self.scheme, self.first_last_bits, tuple(self.exclude))
+
+    def prune_config(self):
+        from renorm.prune import PruneConfig
+
+        return PruneConfig(self.prune, self.prune_type, self.prune_scope, self.prune_importance,
+                           tuple(self.prune_exclude), self.seed)
+
+
+@dataclass
+class Result:
+    """The compressed model and the report (see renorm.report for its keys)."""
+
+    model: nn.Module
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def compress(model: nn.Module | str | LoadedModel, calib: Any, config: Config = Config(),
+             eval_data: Any = None, preset: Preset | None = None, progress: bool = False) -> Result:
+    """Compress `model` and re-normalize it on the unlabeled `calib` images.
+
+    model: an nn.Module, a LoadedModel, or a model spec (see renorm.models.load_model).
+    calib / eval_data: an ImageSource, a data spec string (preprocessed with `preset`, by
+    default the model's own), a tensor, or a DataLoader. Labeled eval data gives accuracy;
+    unlabeled gives agreement with the FP32 model.
+    """
+    loaded = _as_loaded(model)
+    preset = preset or loaded.preset
+    calib = _as_source(calib, preset, labeled=False)
+    if isinstance(calib, ImageSource):
+        calib = sample(calib, config.num_images, config.seed)
+    if isinstance(eval_data, str):
+        eval_data = _as_source(eval_data, preset, labeled=None)
+    fp32 = loaded.model.eval()
+    stages: dict[str, dict] = {}
+    accuracy_by_stage: dict[str, dict] = {}
+    evaluator = _Evaluator(eval_data, fp32, config.batch_size, progress) if eval_data is not None else None
+    if evaluator:
+        with stage(stages, "evaluate_fp32"):
+            accuracy_by_stage["fp32"] = evaluator(fp32, "evaluate fp32")
+
+    work = copy.deepcopy(fp32)
+    prune_report = None
+    if config.prune:
+        from renorm.prune import prune
+
+        with stage(stages, "prune"):
+            work, prune_report = prune(work, config.prune_config(), example=_example(calib, config), progress=progress)
+    with stage(stages, "quantize"):
+        quantize_weights(work, config.weight_config(), progress)
+    if evaluator and (config.wbits != 32 or config.prune):
+        with stage(stages, "evaluate_compressed"):
+            accuracy_by_stage["compressed"] = evaluator(work, "evaluate compressed")
+
+    with stage(stages, "renormalize"):
+        work = renormalize(work, calib, config.renorm, reference=fp32, batch_size=config.batch_size,
+                           warmup=config.warmup, passes=config.passes, inplace=True, progress=progress)
+    if evaluator and config.renorm != "none":
+        with stage(stages, "evaluate_renormalized"):
+            accuracy_by_stage["renormalized"] = evaluator(work, "evaluate renormalized")
+
+    if config.abits != 32:
+        with stage(stages, "calibrate_activations"):
+            calibrate_activations(work, calib, ActivationQuantConfig(config.abits, config.act_images, seed=config.seed),
+                                  config.batch_size, progress)
+        if evaluator:
+            with stage(stages, "evaluate_final"):
+                accuracy_by_stage["final"] = evaluator(work, "evaluate final")
+
+    report = {
+        "renorm_version": __version__,
+        "model": {"spec": loaded.spec, "preset": preset.describe() if preset else None,
+                  "parameters": sum(p.numel() for p in fp32.parameters())},
+        "config": dataclasses.asdict(config),
+        "calibration": _source_info(calib, config.num_images),
+        "evaluation": evaluator.info() if evaluator else None,
+        "accuracy": accuracy_by_stage,
+        "table": accuracy_table(accuracy_by_stage) if accuracy_by_stage else "",
+        "stages": stages,
+        "weights": weight_quantization_stats(work),
+        "activations": activation_quantization_stats(work),
+        "batchnorm": {"mode": config.renorm, "layers_updated": 0 if config.renorm == "none"
+                      else len(batchnorm_layers(work))},
+    }
+    if prune_report is not None:
+        report["prune"] = prune_report
+    return Result(work, report)
+
+
+def _as_loaded(model: nn.Module | str | LoadedModel) -> LoadedModel:
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, str):
+        return load_model(model)
+    if isinstance(model, nn.Module):
+        return LoadedModel(model, type(model).__name__, None)
+    raise RenormError(f"model must be an nn.Module or a model spec, not a {type(model).__name__}")
+
+
+def _as_source(data: Any, preset: Preset | None, labeled: bool | None) -> Any:
+    if isinstance(data, str):
+        if preset is None:
+            raise RenormError(f"to read {data!r} renorm needs a preprocessing preset for this model")
+        return open_images(data, preset, labeled=labeled)
+    return data
+
+
+def _example(calib: Any, config: Config) -> torch.Tensor:
+    from renorm.data import Batches
+
+    return Batches(calib, config.batch_size).first(1)
+
+
+def _source_info(data: Any, requested: int) -> dict[str, Any]:
+    if isinstance(data, ImageSource):
+        return {"source": data.name, "images_requested": requested,
+                "images_used": len(data) - len(data.skipped), "skipped": len(data.skipped),
+                "skipped_files": list(data.skipped)}
+    return {"source": type(data).__name__}
+
+
+class _Evaluator:
+    """Evaluates each stage on the same data; caches the FP32 logits for agreement."""
+
+    def __init__(self, data: Any, fp32: nn.Module, batch_size: int, progress: bool):
+        self.data, self.fp32, self.batch_size, self.progress = data, fp32, batch_size, progress
+        self.reference_logits: torch.Tensor | None = None
+        self.labeled = False
+        self.count = 0
+
+    def __call__(self, model: nn.Module, desc: str) -> dict[str, float]:
+        logits, labels = predict(model, self.data, self.batch_size, self.progress, desc)
+        if self.reference_logits is None:
+            self.reference_logits = logits if model is self.fp32 else predict(self.fp32, self.data, self.batch_size)[0]
+        self.labeled, self.count = labels is not None, len(logits)
+        if labels is not None:
+            return accuracy(logits, labels)
+        return agreement(logits, self.reference_logits)
+
+    def info(self) -> dict[str, Any]:
+        name = self.data.name if isinstance(self.data, ImageSource) else type(self.data).__name__
+        skipped = len(self.data.skipped) if isinstance(self.data, ImageSource) else 0
+        return {"source": name, "images": self.count, "labeled": self.labeled, "skipped": skipped,
+                "metric": "accuracy" if self.labeled else "agreement with the FP32 model"}

@@ -1,0 +1,227 @@
+"""`renorm` commands: a thin shell over the Python API (parse, call, print).
+
+Bad input exits with status 2 and one line on stderr naming the problem and the fix.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+from renorm.errors import RenormError
+
+DEMO_REPORT = "renorm-demo-report.json"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+        raise RenormError(f"{message} (see: {self.prog} --help)")
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("model", help="torchvision:NAME, fmnist-resnet18, fmnist-mobilenet_v2, efficientnet-lite0, "
+                                     "or a model file (renorm output, TorchScript, pickled module)")
+    group.add_argument("--weights", help="state_dict file for torchvision:NAME (or a torchvision weights name)")
+    group.add_argument("--num-classes", type=int, help="classes of a torchvision model (default 1000)")
+    group.add_argument("--trust-pickle", action="store_true",
+                       help="allow loading a whole pickled nn.Module (unpickling runs code from the file)")
+    pre = parser.add_argument_group("preprocessing (default: the model's own preset)")
+    pre.add_argument("--preset", help="imagenet, tf, or fashion-mnist")
+    pre.add_argument("--resize", type=int, help="resize the shorter side to this many pixels")
+    pre.add_argument("--crop", type=int, help="centre-crop to this many pixels")
+    pre.add_argument("--mean", type=float, nargs="+", help="1 or 3 numbers (RGB), on a 0..1 scale")
+    pre.add_argument("--std", type=float, nargs="+", help="1 or 3 numbers (RGB), on a 0..1 scale")
+
+
+def _common_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--report", help="write the JSON report here")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="renorm", description="Compress a pretrained CNN without labels or retraining: "
+                     "quantize or prune it, then re-estimate its BatchNorm statistics on unlabeled images.")
+    from renorm import __version__
+
+    parser.add_argument("--version", action="version", version=f"renorm {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    compress = commands.add_parser("compress", help="quantize / prune, re-normalize, evaluate, save")
+    _model_options(compress)
+    compress.add_argument("--calib", required=True, help="unlabeled images: a folder (searched recursively) "
+                          "or fashion-mnist:train")
+    compress.add_argument("--num-images", type=int, default=1000, help="calibration images sampled (default 1000)")
+    q = compress.add_argument_group("quantization")
+    q.add_argument("--wbits", type=int, default=4, help="weight bits, 2..8, or 32 for float (default 4)")
+    q.add_argument("--scheme", default="pow2", help="pow2 (default), uniform, or minmax")
+    q.add_argument("--first-last-bits", type=int, default=8, help="first conv / last linear, uniform (0 = float)")
+    q.add_argument("--abits", type=int, default=32, help="activation bits (e.g. 8); 32 = float (default)")
+    q.add_argument("--act-images", type=int, default=400, help="images to calibrate activations (default 400)")
+    q.add_argument("--exclude", nargs="+", default=[], help="layer names to leave in float")
+    r = compress.add_argument_group("re-normalization")
+    r.add_argument("--renorm", default=None, help="exact (default), shift, or none")
+    r.add_argument("--warmup", type=int, default=64, help="images in the one-batch warm-up (default 64)")
+    r.add_argument("--passes", type=int, default=1, help="streaming passes over all images (default 1)")
+    p = compress.add_argument_group("pruning")
+    p.add_argument("--prune", type=float, default=0.0, help="fraction of weights (or filters) to remove, 0..1")
+    p.add_argument("--prune-type", default="unstructured", help="unstructured (default) or filter")
+    p.add_argument("--prune-scope", default="layer", help="layer (default) or global")
+    p.add_argument("--prune-importance", default="l1", help="filter importance: l1 (default), l2, or bn")
+    p.add_argument("--prune-exclude", nargs="+", default=[], help="layer names not to prune")
+    compress.add_argument("--seed", type=int, default=0)
+    compress.add_argument("--eval", help="evaluation images: labeled (one folder per class, or "
+                          "fashion-mnist:test) for accuracy, unlabeled for agreement with FP32")
+    compress.add_argument("--out", help="write the compressed model here (renorm evaluate can load it)")
+    _common_options(compress)
+
+    evaluate = commands.add_parser("evaluate", help="accuracy, or agreement with a reference model")
+    _model_options(evaluate)
+    evaluate.add_argument("--data", required=True, help="images: labeled folder / fashion-mnist:test, or unlabeled")
+    evaluate.add_argument("--reference", help="a reference model spec to measure agreement with")
+    _common_options(evaluate)
+
+    demo = commands.add_parser("demo", help="the embedded default: reference resnet18, W4A8, exact re-normalization")
+    demo.add_argument("--report", default=DEMO_REPORT, help=f"JSON report (default {DEMO_REPORT})")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def _load(args: argparse.Namespace, spec: str | None = None):
+    from renorm.data import make_preset
+    from renorm.models import load_model
+
+    loaded = load_model(spec or args.model, getattr(args, "weights", None), getattr(args, "num_classes", None),
+                        getattr(args, "trust_pickle", False))
+    custom = any(getattr(args, k, None) is not None for k in ("preset", "resize", "crop", "mean", "std"))
+    if custom:
+        loaded.preset = make_preset(args.preset or (loaded.preset or "imagenet"), args.resize, args.crop,
+                                    args.mean, args.std)
+    if loaded.preset is None:
+        loaded.preset = make_preset("imagenet")
+    return loaded
+
+
+def run_compress(args: argparse.Namespace) -> int:
+    from renorm.api import Config, compress
+    from renorm.data import open_images
+    from renorm.export import save_compressed
+
+    renorm_mode = args.renorm or _default_renorm(args)
+    config = Config(wbits=args.wbits, scheme=args.scheme, first_last_bits=args.first_last_bits, abits=args.abits,
+                    renorm=renorm_mode, num_images=args.num_images, act_images=args.act_images,
+                    batch_size=args.batch_size, warmup=args.warmup, passes=args.passes, seed=args.seed,
+                    exclude=tuple(args.exclude), prune=args.prune, prune_type=args.prune_type,
+                    prune_scope=args.prune_scope, prune_importance=args.prune_importance,
+                    prune_exclude=tuple(args.prune_exclude))
+    _check_writable(args.out, "--out")
+    _check_writable(args.report, "--report")
+    loaded = _load(args)
+    calib = open_images(args.calib, loaded.preset, labeled=False)
+    eval_data = open_images(args.eval, loaded.preset) if args.eval else None
+    result = compress(loaded, calib, config, eval_data, progress=not args.quiet)
+    report = result.report
+    if args.out:
+        size = save_compressed(args.out, result.model, loaded, protected=[args.model, args.weights])
+        report["output"] = {"path": args.out, "bytes": size}
+    _finish(report, args.report)
+    return 0
+
+
+def _default_renorm(args: argparse.Namespace) -> str:
+    if args.prune and args.prune_type == "filter":
+        return "exact"
+    return "exact"
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from renorm.data import open_images
+    from renorm.evaluate import evaluate
+    from renorm.report import accuracy_table
+
+    _check_writable(args.report, "--report")
+    loaded = _load(args)
+    reference = _load(args, args.reference).model if args.reference else None
+    data = open_images(args.data, loaded.preset)
+    metrics = evaluate(loaded.model, data, reference, args.batch_size, progress=not args.quiet)
+    accuracy = {"model": {k: v for k, v in metrics.items() if k not in ("images", "seconds")}}
+    report = {"model": {"spec": loaded.spec, "preset": loaded.preset.describe()},
+              "evaluation": {"source": data.name, "images": metrics["images"], "skipped": len(data.skipped),
+                             "skipped_files": list(data.skipped), "seconds": metrics["seconds"]},
+              "accuracy": accuracy, "table": accuracy_table(accuracy)}
+    _finish(report, args.report)
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from renorm.demo import demo
+
+    _check_writable(args.report, "--report")
+    report = demo(progress=not args.quiet)
+    _finish(report, args.report)
+    return 0
+
+
+def _check_writable(path: str | None, flag: str) -> None:
+    if path and Path(path).expanduser().is_dir():
+        raise RenormError(f"{flag} {path} is a folder; give a file name")
+
+
+def _finish(report: dict[str, Any], report_path: str | None) -> None:
+    from renorm.report import write_json_atomic
+
+    summary = _summary(report)
+    if summary:
+        print(summary)
+    if report.get("table"):
+        print(report["table"])
+    if report_path:
+        write_json_atomic(report_path, report)
+        print(f"report: {report_path}")
+
+
+def _summary(report: dict[str, Any]) -> str:
+    lines = []
+    if "model" in report:
+        lines.append(f"model: {report['model']['spec']}")
+    calib = report.get("calibration")
+    if calib and "images_used" in calib:
+        lines.append(f"calibration: {calib['images_used']} images from {calib['source']}"
+                     + (f" ({calib['skipped']} unreadable, skipped)" if calib["skipped"] else ""))
+    evaluation = report.get("evaluation")
+    if evaluation:
+        lines.append(f"evaluation: {evaluation['images']} images from {evaluation['source']}"
+                     + (f" ({evaluation['skipped']} unreadable, skipped)" if evaluation.get("skipped") else ""))
+    stages = report.get("stages")
+    if stages:
+        lines.append("time: " + ", ".join(f"{k} {v['seconds']:.1f}s" for k, v in stages.items())
+                     + f"; peak memory {max(v['peak_rss_mb'] for v in stages.values()):.0f} MiB")
+    if "output" in report:
+        lines.append(f"saved: {report['output']['path']} ({report['output']['bytes'] / 2**20:.2f} MiB)")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            handler = {"compress": run_compress, "evaluate": run_evaluate, "demo": run_demo}
+            return handler[args.command](args)
+    except RenormError as error:
+        print(f"renorm: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"renorm: error: {error.strerror or error}: {error.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("renorm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

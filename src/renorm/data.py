@@ -1,0 +1,384 @@
+"""Images in: folders, built-in data sets, preprocessing presets, and batching.
+
+Everything that feeds images to a model goes through an `ImageSource` (indexable,
+knows whether it has labels) and `iter_batches`. The API also accepts plain tensors,
+lists of batches and DataLoaders through `as_batches`.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision import transforms as T
+
+from renorm.errors import RenormError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+FASHION_MNIST_DIR = Path(os.environ.get("RENORM_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+FASHION_MNIST_MINI = Path(__file__).parent / "assets" / "fashion_mnist_mini.npz"
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+# Errors PIL raises for unreadable, truncated or not-an-image files.
+_UNREADABLE = (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError)
+
+
+# --------------------------------------------------------------------------- presets
+@dataclass(frozen=True)
+class Preset:
+    """Preprocessing: RGB, resize shorter side, centre-crop, optional pad, normalize."""
+
+    name: str
+    resize: int
+    crop: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    pad: int = 0
+
+    @property
+    def input_size(self) -> int:
+        return self.crop + 2 * self.pad
+
+    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        steps: list[Any] = [T.Lambda(_to_rgb), T.Resize(self.resize), T.CenterCrop(self.crop)]
+        if self.pad:
+            steps.append(T.Pad(self.pad))
+        steps += [T.ToTensor(), T.Normalize(self.mean, self.std)]
+        return T.Compose(steps)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "resize": self.resize, "crop": self.crop, "pad": self.pad,
+                "mean": list(self.mean), "std": list(self.std)}
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+PRESETS: dict[str, Preset] = {
+    "imagenet": Preset("imagenet", 256, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    # EfficientNet-Lite (TensorFlow): (x - 127) / 128 on 0..255 pixels.
+    "tf": Preset("tf", 256, 224, (127 / 255,) * 3, (128 / 255,) * 3),
+    # Reference models: 28x28 Fashion-MNIST zero-padded to 32x32 (the background is black).
+    "fashion-mnist": Preset("fashion-mnist", 28, 28, (0.2860,) * 3, (0.3530,) * 3, pad=2),
+}
+
+
+def make_preset(base: str | Preset = "imagenet", resize: int | None = None, crop: int | None = None,
+                mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> Preset:
+    """Return `base` (a preset or its name) with any of resize/crop/mean/std overridden."""
+    if isinstance(base, str):
+        if base not in PRESETS:
+            raise RenormError(f"unknown preset {base!r}; choose one of {', '.join(PRESETS)}")
+        base = PRESETS[base]
+    if resize is not None and resize < 1:
+        raise RenormError(f"--resize must be a positive number of pixels, got {resize}")
+    if crop is not None and crop < 1:
+        raise RenormError(f"--crop must be a positive number of pixels, got {crop}")
+    mean3 = _three("mean", mean) if mean is not None else base.mean
+    std3 = _three("std", std) if std is not None else base.std
+    if any(s <= 0 for s in std3):
+        raise RenormError(f"--std values must be positive, got {list(std3)}")
+    custom = any(v is not None for v in (resize, crop, mean, std))
+    return Preset(base.name + ("+custom" if custom else ""), resize or base.resize, crop or base.crop,
+                  mean3, std3, base.pad)
+
+
+def _three(what: str, values: Sequence[float]) -> tuple[float, float, float]:
+    values = tuple(float(v) for v in values)
+    if len(values) == 1:
+        return values * 3  # type: ignore[return-value]
+    if len(values) == 3:
+        return values  # type: ignore[return-value]
+    raise RenormError(f"--{what} takes 1 or 3 numbers (one per RGB channel), got {len(values)}")
+
+
+# --------------------------------------------------------------------------- sources
+@dataclass
+class ImageSource:
+    """An indexable set of images; `load(i)` returns (image tensor, label or -1)."""
+
+    name: str
+    classes: tuple[str, ...] | None = None
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def labeled(self) -> bool:
+        return self.classes is not None
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        raise NotImplementedError
+
+    def describe_item(self, index: int) -> str:
+        return f"{self.name}[{index}]"
+
+
+@dataclass
+class FileImages(ImageSource):
+    """Image files; labels come from an ImageFolder layout when `labels` is given."""
+
+    files: list[Path] = field(default_factory=list)
+    labels: list[int] | None = None
+    transform: Callable[[Image.Image], torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        with Image.open(self.files[index]) as img:
+            img.load()
+            tensor = self.transform(img)
+        return tensor, (self.labels[index] if self.labels is not None else -1)
+
+    def describe_item(self, index: int) -> str:
+        return str(self.files[index])
+
+
+@dataclass
+class ArrayImages(ImageSource):
+    """In-memory uint8 images (N, H, W) or (N, H, W, C); preprocessed once, on first use."""
+
+    arrays: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    transform: Callable[[Image.Image], torch.Tensor] | None = None
+    _cache: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.arrays)
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        tensor = self._cache.get(index)
+        if tensor is None:
+            tensor = self.transform(Image.fromarray(self.arrays[index]))
+            self._cache[index] = tensor
+        return tensor, (int(self.labels[index]) if self.labels is not None else -1)
+
+
+@dataclass
+class SubsetImages(ImageSource):
+    """A subset of another source, in the given order."""
+
+    base: ImageSource | None = None
+    indices: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.classes = self.base.classes
+        self.skipped = self.base.skipped
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.base.load(self.indices[index])
+
+    def describe_item(self, index: int) -> str:
+        return self.base.describe_item(self.indices[index])
+
+
+def sample(source: ImageSource, num_images: int | None, seed: int = 0) -> ImageSource:
+    """Return a seeded random sample of `num_images` images (all of them, shuffled, if fewer)."""
+    if num_images is not None and num_images < 1:
+        raise RenormError(f"--num-images must be at least 1, got {num_images}")
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(source), generator=generator).tolist()
+    if num_images is not None:
+        order = order[:num_images]
+    return SubsetImages(name=source.name, base=source, indices=order)
+
+
+# --------------------------------------------------------------------------- built-ins
+def read_idx(path: Path) -> np.ndarray:
+    """Read a (gzipped) IDX file, the MNIST container format."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        data = handle.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise RenormError(f"{path} is not an unsigned-byte IDX file")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def fashion_mnist_available() -> bool:
+    """Whether the full data set (Debian package dataset-fashion-mnist) is installed."""
+    return (FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").exists()
+
+
+def fashion_mnist_arrays(split: str, mini: bool = False) -> tuple[np.ndarray, np.ndarray, str]:
+    """Return (images uint8 N x 28 x 28, labels int64, source name) for 'train' or 'test'."""
+    if split not in ("train", "test"):
+        raise RenormError(f"Fashion-MNIST has splits 'train' and 'test', not {split!r}")
+    if not mini and fashion_mnist_available():
+        prefix = "train" if split == "train" else "t10k"
+        images = read_idx(FASHION_MNIST_DIR / f"{prefix}-images-idx3-ubyte.gz")
+        labels = read_idx(FASHION_MNIST_DIR / f"{prefix}-labels-idx1-ubyte.gz")
+        return images, labels.astype(np.int64), f"fashion-mnist:{split}"
+    with np.load(FASHION_MNIST_MINI) as bundle:
+        return bundle[f"{split}_images"], bundle[f"{split}_labels"].astype(np.int64), f"fashion-mnist-mini:{split}"
+
+
+def builtin_names() -> list[str]:
+    return ["fashion-mnist:train", "fashion-mnist:test", "fashion-mnist-mini:train", "fashion-mnist-mini:test"]
+
+
+# --------------------------------------------------------------------------- opening specs
+def open_images(spec: str, preset: Preset, labeled: bool | None = None) -> ImageSource:
+    """Open a data spec: a built-in name or a directory of images.
+
+    labeled=True requires an ImageFolder layout (one subfolder per class); False reads
+    every image under the directory; None picks labeled when the layout is ImageFolder.
+    """
+    transform = preset.transform()
+    name, _, split = spec.partition(":")
+    if name in ("fashion-mnist", "fashion-mnist-mini") and split:
+        images, labels, source_name = fashion_mnist_arrays(split, mini=name == "fashion-mnist-mini")
+        return ArrayImages(name=source_name, classes=FASHION_MNIST_CLASSES if labeled is not False else None,
+                           arrays=images, labels=labels if labeled is not False else None, transform=transform)
+    from renorm import photos  # built-in natural photos (optional extra)
+    if photos.is_photo_spec(spec):
+        if labeled:
+            raise RenormError(f"{spec} has no labels; evaluate against a reference model instead")
+        return photos.open_photo_crops(spec, preset)
+    root = Path(spec).expanduser()
+    if not root.exists():
+        raise RenormError(f"image folder {spec!r} does not exist; give a directory of images "
+                          f"or one of: {', '.join(builtin_names())}")
+    if not root.is_dir():
+        raise RenormError(f"{spec!r} is a file, not a folder of images; give its directory")
+    if labeled is None:
+        labeled = _looks_like_image_folder(root)
+    if labeled:
+        return _image_folder(root, transform)
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise RenormError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}; "
+                          "point --calib/--data at a folder that holds images")
+    return FileImages(name=str(root), files=files, transform=transform)
+
+
+def _looks_like_image_folder(root: Path) -> bool:
+    subdirs = [d for d in root.iterdir() if d.is_dir()]
+    top_images = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    return bool(subdirs) and not top_images
+
+
+def _image_folder(root: Path, transform: Callable) -> FileImages:
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    files: list[Path] = []
+    labels: list[int] = []
+    for index, name in enumerate(classes):
+        found = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        files += found
+        labels += [index] * len(found)
+    if not files:
+        raise RenormError(f"no images found in the class folders of {root}; a labeled set needs "
+                          "one subfolder per class holding its images")
+    return FileImages(name=str(root), classes=tuple(classes), files=files, labels=labels, transform=transform)
+
+
+# --------------------------------------------------------------------------- batching
+def iter_batches(source: ImageSource, batch_size: int, progress: bool = False,
+                 desc: str = "images") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (images, labels) batches; unreadable files are skipped and named in source.skipped."""
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise RenormError(f"--batch-size must be at least 1, got {batch_size}")
+    images: list[torch.Tensor] = []
+    labels: list[int] = []
+    with tqdm(total=len(source), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for index in range(len(source)):
+            try:
+                image, label = source.load(index)
+            except _UNREADABLE:
+                item = source.describe_item(index)
+                if item not in source.skipped:
+                    source.skipped.append(item)
+                bar.update(1)
+                continue
+            images.append(image)
+            labels.append(label)
+            if len(images) == batch_size:
+                yield _stack(images, source), torch.tensor(labels)
+                bar.update(len(images) + 0)
+                images, labels = [], []
+        if images:
+            yield _stack(images, source), torch.tensor(labels)
+            bar.update(len(images))
+
+
+def _stack(images: list[torch.Tensor], source: ImageSource) -> torch.Tensor:
+    shapes = {tuple(t.shape) for t in images}
+    if len(shapes) > 1:
+        raise RenormError(f"images in {source.name} have different sizes after preprocessing {sorted(shapes)}; "
+                          "set --crop so that every image is cropped to one size")
+    return torch.stack(images)
+
+
+class Batches:
+    """A re-iterable stream of image batches (and labels, when known) over any input.
+
+    Accepts an ImageSource, a tensor (N, C, H, W), or any re-iterable of tensors or
+    (images, labels, ...) tuples such as a DataLoader.
+    """
+
+    def __init__(self, data: Any, batch_size: int = 50, progress: bool = False, desc: str = "images"):
+        if isinstance(data, Batches):
+            data = data.data
+        if isinstance(data, Iterator):
+            raise RenormError("images must be re-iterable (a DataLoader, list, tensor or ImageSource), "
+                              "not a one-shot iterator or generator: renormalize reads them more than once")
+        self.data, self.batch_size, self.progress, self.desc = data, batch_size, progress, desc
+
+    @property
+    def source(self) -> ImageSource | None:
+        return self.data if isinstance(self.data, ImageSource) else None
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        data = self.data
+        if isinstance(data, ImageSource):
+            yield from iter_batches(data, self.batch_size, self.progress, self.desc)
+        elif isinstance(data, torch.Tensor):
+            if data.dim() < 2:
+                raise RenormError(f"an image tensor needs a batch dimension, got shape {tuple(data.shape)}")
+            for start in range(0, len(data), self.batch_size):
+                yield data[start:start + self.batch_size], None
+        elif isinstance(data, Iterable):
+            for item in data:
+                if isinstance(item, torch.Tensor):
+                    yield item, None
+                elif isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
+                    labels = item[1] if len(item) > 1 and isinstance(item[1], torch.Tensor) else None
+                    yield item[0], labels
+                else:
+                    raise RenormError(f"a batch must be a tensor or an (images, labels) pair, got {type(item).__name__}")
+        else:
+            raise RenormError(f"cannot read images from a {type(data).__name__}; pass an ImageSource, "
+                              "a tensor or a DataLoader")
+
+    def images(self) -> Iterator[torch.Tensor]:
+        for images, _ in self:
+            yield images
+
+    def first(self, num_images: int) -> torch.Tensor:
+        """Return the first `num_images` images as one tensor (fewer if the stream is shorter)."""
+        taken: list[torch.Tensor] = []
+        count = 0
+        for images in Batches(self.data, max(1, min(self.batch_size, num_images))).images():
+            taken.append(images[: num_images - count])
+            count += len(taken[-1])
+            if count >= num_images:
+                break
+        if not taken:
+            raise RenormError("no readable images: every file was skipped or the set is empty")
+        return torch.cat(taken)

@@ -1,0 +1,147 @@
+"""Saving and loading compressed models.
+
+A renorm file is a plain torch.save of tensors, numbers and strings (it loads with
+weights_only=True, so opening one runs no code): how to rebuild the architecture (the
+model spec), the preprocessing preset, the state_dict without the quantized weights,
+and for each quantized layer its integer codes (packed two per byte at <= 4 bits) and
+per-channel scales, the activation quantizers, pruning masks and removed channels.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from renorm import __version__
+from renorm.data import Preset
+from renorm.errors import RenormError
+from renorm.models import LoadedModel, apply_state_dict
+from renorm.quantize import activations
+from renorm.quantize.weights import ATTRIBUTE, MASK_ATTRIBUTE, QuantizedWeight
+
+FORMAT = 1
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Flatten int8 codes; at <= 4 bits store two per byte (offset by 8 into 0..15)."""
+    flat = codes.reshape(-1).to(torch.int16)
+    if bits > 4:
+        return flat.to(torch.int8)
+    nibbles = (flat + 8).to(torch.uint8)
+    if len(nibbles) % 2:
+        nibbles = torch.cat([nibbles, torch.full((1,), 8, dtype=torch.uint8)])
+    return nibbles[0::2] | (nibbles[1::2] << 4)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of pack_codes."""
+    count = 1
+    for size in shape:
+        count *= size
+    if bits > 4:
+        return packed.to(torch.int8).reshape(shape)
+    low = (packed & 0x0F).to(torch.int16) - 8
+    high = (packed >> 4).to(torch.int16) - 8
+    return torch.stack([low, high], dim=1).reshape(-1)[:count].to(torch.int8).reshape(shape)
+
+
+def save_compressed(path: str | Path, model: nn.Module, loaded: LoadedModel, preset: Preset | None = None,
+                    protected: list[str | Path] = ()) -> int:
+    """Write `model` to `path` atomically; return the file size in bytes.
+
+    protected: input files that must never be overwritten (the input model, its weights).
+    """
+    path = Path(path).expanduser()
+    for item in protected:
+        if item and Path(item).expanduser().exists() and path.resolve() == Path(item).expanduser().resolve():
+            raise RenormError(f"--out {path} is the input model; write the compressed model to a new file")
+    if path.is_dir():
+        raise RenormError(f"--out {path} is a folder; give a file name such as model.renorm.pt")
+    kind = loaded.source.get("kind")
+    if kind == "torchscript":
+        raise RenormError("a TorchScript input cannot be saved as a renorm file; load the model as "
+                          "torchvision:NAME --weights FILE to get a file renorm can rebuild")
+    quantized = {name: q for name, m in model.named_modules() if (q := getattr(m, ATTRIBUTE, None)) is not None}
+    skip = {f"{name}.weight" for name in quantized}
+    payload: dict[str, Any] = {
+        "renorm_format": FORMAT,
+        "renorm_version": __version__,
+        "spec": loaded.spec,
+        "source": dict(loaded.source),
+        "num_classes": loaded.num_classes,
+        "preset": (preset or loaded.preset).describe() if (preset or loaded.preset) else None,
+        "state_dict": {k: v for k, v in model.state_dict().items() if k not in skip},
+        "quantized": {name: {"codes": pack_codes(q.codes, q.bits), "shape": list(q.codes.shape), "scale": q.scale,
+                             "scheme": q.scheme, "bits": q.bits, "axis": q.axis,
+                             "relative_error": q.relative_error} for name, q in quantized.items()},
+        "activations": {name: {"scale": q.scale, "signed": q.signed, "bits": q.bits, "relative_error": q.relative_error}
+                        for name, m in model.named_modules() if (q := getattr(m, activations.ATTRIBUTE, None))},
+        "masks": {name: m for name, module in model.named_modules()
+                  if (m := getattr(module, MASK_ATTRIBUTE, None)) is not None},
+        "pruned_channels": getattr(model, "_renorm_pruned_channels", None),
+    }
+    if kind == "pickle":
+        payload["pickled_module"] = True
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload if kind != "pickle" else {**payload, "module": model}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path.stat().st_size
+
+
+def load_compressed(payload: dict[str, Any], path: Path, trust_pickle: bool = False) -> LoadedModel:
+    """Rebuild a model written by save_compressed (payload as read by torch.load)."""
+    from renorm import models
+
+    if payload.get("renorm_format") != FORMAT:
+        raise RenormError(f"{path} was written by a renorm with file format {payload.get('renorm_format')}; "
+                          f"this renorm reads format {FORMAT}")
+    source = payload["source"]
+    kind = source.get("kind")
+    if kind == "pickle":
+        if not trust_pickle:
+            raise RenormError(f"{path} holds a pickled module; pass --trust-pickle if you trust it")
+        model = torch.load(path, map_location="cpu", weights_only=False)["module"]
+    elif kind == "torchvision":
+        model = models.load_model(f"torchvision:{source['name']}", num_classes=source.get("num_classes")).model
+    elif kind in ("reference", "efficientnet-lite"):
+        model = models.load_model(source["name"]).model
+    else:
+        raise RenormError(f"{path} names an unknown model kind {kind!r}")
+    if payload.get("pruned_channels"):
+        from renorm.prune import apply_pruned_channels
+
+        apply_pruned_channels(model, payload["pruned_channels"])
+    state = dict(payload["state_dict"])
+    modules = dict(model.named_modules())
+    restored: dict[str, QuantizedWeight] = {}
+    for name, entry in payload["quantized"].items():
+        if name not in modules:
+            raise RenormError(f"{path} quantizes a layer {name!r} that the rebuilt model lacks")
+        codes = unpack_codes(entry["codes"], entry["bits"], tuple(entry["shape"]))
+        restored[name] = QuantizedWeight(codes, entry["scale"], entry["scheme"], entry["bits"], entry["axis"],
+                                         entry.get("relative_error", float("nan")))
+        state[f"{name}.weight"] = restored[name].dequantize()
+    apply_state_dict(model, state, f"the contents of {path.name}", payload["spec"])
+    for name, quantized in restored.items():
+        setattr(modules[name], ATTRIBUTE, quantized)
+    for name, mask in payload.get("masks", {}).items():
+        setattr(modules[name], MASK_ATTRIBUTE, mask)
+    for name, entry in payload.get("activations", {}).items():
+        activations.attach(modules[name], activations.ActivationQuantizer(
+            entry["scale"], entry["signed"], entry["bits"], entry.get("relative_error", float("nan"))))
+    if payload.get("pruned_channels"):
+        model._renorm_pruned_channels = payload["pruned_channels"]
+    preset = Preset(**{**payload["preset"], "mean": tuple(payload["preset"]["mean"]),
+                       "std": tuple(payload["preset"]["std"])}) if payload.get("preset") else None
+    model.eval()
+    return LoadedModel(model, str(path), preset, payload.get("num_classes"), {"kind": "renorm", **source})

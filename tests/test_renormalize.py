@@ -1,0 +1,216 @@
+"""BatchNorm re-estimation: exact statistics, batch-size independence, shift, guarantees."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from conftest import SmallNet, perturbed
+from renorm.errors import RenormError
+from renorm.renormalize import Moments, batchnorm_layers, renormalize
+
+
+@torch.no_grad()
+def direct_fixed_point(model: nn.Module, images: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The statistics by definition: BatchNorm by BatchNorm in order, each one's input computed
+    over all images at once (float64) with every earlier BatchNorm already set."""
+    model = copy.deepcopy(model).double().eval()
+    x = images.double()
+    result = {}
+    for name, bn in batchnorm_layers(model):
+        captured = {}
+        handle = bn.register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0]))
+        model(x)
+        handle.remove()
+        inp = captured["x"]
+        dims = [d for d in range(inp.dim()) if d != 1]
+        mean, var = inp.mean(dims), inp.var(dims, unbiased=True)
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
+        result[name] = (mean, var)
+    return result
+
+
+def stats(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {name: (bn.running_mean.double(), bn.running_var.double()) for name, bn in batchnorm_layers(model)}
+
+
+def assert_stats_close(a, b, rtol, atol=1e-6):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name][0], b[name][0], rtol=rtol, atol=atol, msg=f"mean of {name}")
+        torch.testing.assert_close(a[name][1], b[name][1], rtol=rtol, atol=atol, msg=f"var of {name}")
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 32, 96])
+def test_exact_equals_direct_computation_for_any_batch_size(small_net, images, batch_size):
+    expected = direct_fixed_point(small_net, images)
+    # warm-up covering all images: the fixed point in one batch, then the streaming pass.
+    got = stats(renormalize(small_net, images, "exact", batch_size=batch_size, warmup=len(images)))
+    assert_stats_close(got, expected, rtol=1e-4)
+
+
+def test_exact_streaming_passes_reach_the_fixed_point(small_net, images):
+    expected = direct_fixed_point(small_net, images)
+    # no warm-up: pass k makes the k-th BatchNorm (in depth) exact; this net has depth 3.
+    got = stats(renormalize(small_net, images, "exact", batch_size=10, warmup=0, passes=3))
+    assert_stats_close(got, expected, rtol=1e-4)
+    one_pass = stats(renormalize(small_net, images, "exact", batch_size=10, warmup=0, passes=1))
+    with pytest.raises(AssertionError):  # one pass from the wrong statistics is not enough
+        assert_stats_close(one_pass, expected, rtol=1e-3)
+
+
+def test_result_does_not_depend_on_batch_size(small_net, images):
+    results = [stats(renormalize(small_net, images, "exact", batch_size=b, warmup=16)) for b in (3, 16, 50, 96)]
+    for other in results[1:]:
+        assert_stats_close(other, results[0], rtol=1e-5)
+
+
+def test_pytorch_train_mode_one_batch_is_close_to_the_fixed_point(small_net, images):
+    """The paper's method (one train-mode batch of all images) approximates the same thing."""
+    model = copy.deepcopy(small_net)
+    for bn in model.modules():
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            bn.reset_running_stats()
+            bn.momentum = None
+            bn.train()
+    with torch.no_grad():
+        model(images)
+    assert_stats_close(stats(model), direct_fixed_point(small_net, images), rtol=5e-3, atol=1e-4)
+
+
+def test_moments_merge_matches_direct():
+    x = torch.randn(103, 5, 4, 3, dtype=torch.float64) * 3 + 2
+    moments = Moments()
+    for chunk in x.split(17):
+        moments.add(chunk.float())
+    torch.testing.assert_close(moments.mean, x.mean((0, 2, 3)), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(moments.variance, x.var((0, 2, 3)), rtol=1e-5, atol=1e-6)
+    assert moments.count == 103 * 4 * 3
+
+
+def test_only_batchnorm_statistics_change_and_callers_model_is_untouched(small_net, images):
+    small_net.train()  # the caller's mode must be kept too
+    before = copy.deepcopy(small_net.state_dict())
+    momentum, eps = small_net.bn1.momentum, small_net.bn1.eps
+    out = renormalize(small_net, images, "exact", batch_size=16)
+    assert small_net.training and all(m.training for m in small_net.modules())
+    for key, value in small_net.state_dict().items():
+        assert torch.equal(value, before[key]), f"caller's {key} changed"
+    assert not out.training and not any(m.training for m in out.modules())
+    changed = {k for k, v in out.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {f"{bn}.{s}" for bn in ("bn1", "bn2", "bn3") for s in ("running_mean", "running_var")}
+    assert out.bn1.momentum == momentum and out.bn1.eps == eps
+
+
+def test_dropout_stays_in_eval_mode_so_statistics_are_deterministic(images):
+    torch.manual_seed(0)
+    net = perturbed(nn.Sequential(nn.Conv2d(3, 6, 3), nn.Dropout(0.5), nn.BatchNorm2d(6), nn.ReLU()))
+    net.train()  # a caller's model in train mode: dropout must still not act during re-estimation
+    a = renormalize(net, images, "exact", batch_size=16, warmup=16)
+    b = renormalize(net, images, "exact", batch_size=16, warmup=16)
+    assert_stats_close(stats(a), stats(b), rtol=0, atol=0)
+    with torch.no_grad():
+        clean = net[0](images)
+    dims = (0, 2, 3)
+    torch.testing.assert_close(a[2].running_mean.double(), clean.double().mean(dims), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a[2].running_var.double(), clean.double().var(dims), rtol=1e-5, atol=1e-6)
+
+
+def test_shift_keeps_the_reference_model_mode(small_net, images):
+    reference = copy.deepcopy(small_net).train()
+    renormalize(small_net, images, "shift", reference=reference, batch_size=32)
+    assert all(m.training for m in reference.modules())
+
+
+def test_inplace_modifies_and_returns_the_same_model(small_net, images):
+    out = renormalize(small_net, images, "exact", inplace=True)
+    assert out is small_net
+
+
+def test_model_without_batchnorm_is_returned_unchanged_with_a_warning(images):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2)).eval()
+    model(images[:1])
+    with pytest.warns(UserWarning, match="no BatchNorm"):
+        out = renormalize(model, images)
+    with torch.no_grad():
+        assert torch.equal(out(images[:5]), model(images[:5]))
+
+
+def test_batchnorm_without_affine_and_3d():
+    torch.manual_seed(0)
+    net = perturbed(SmallNet(affine=False))
+    x = torch.randn(40, 3, 8, 8)
+    assert_stats_close(stats(renormalize(net, x, "exact", batch_size=9, warmup=40)),
+                       direct_fixed_point(net, x), rtol=1e-4)
+    net3d = perturbed(nn.Sequential(nn.Conv3d(2, 4, 3), nn.BatchNorm3d(4), nn.ReLU(), nn.Conv3d(4, 3, 1),
+                                    nn.BatchNorm3d(3)))
+    v = torch.randn(12, 2, 5, 5, 5)
+    assert_stats_close(stats(renormalize(net3d, v, "exact", batch_size=5, warmup=12)),
+                       direct_fixed_point(net3d, v), rtol=1e-4)
+
+
+def test_shift_of_an_uncompressed_model_changes_nothing(small_net, images):
+    out = renormalize(small_net, images, "shift", reference=small_net, batch_size=16)
+    assert_stats_close(stats(out), stats(small_net), rtol=1e-5)
+
+
+def test_shift_applies_the_formula_on_a_single_layer():
+    torch.manual_seed(0)
+    fp32 = perturbed(nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6)))
+    compressed = copy.deepcopy(fp32)
+    compressed[0].weight.data.mul_(1.3).add_(0.05)
+    x = torch.randn(30, 3, 9, 9)
+    with torch.no_grad():
+        a, b = fp32[0](x).double(), compressed[0](x).double()
+    dims = (0, 2, 3)
+    expected_mean = fp32[1].running_mean.double() + b.mean(dims) - a.mean(dims)
+    expected_var = fp32[1].running_var.double() * b.var(dims) / a.var(dims)
+    out = renormalize(compressed, x, "shift", reference=fp32, batch_size=7)
+    torch.testing.assert_close(out[1].running_mean.double(), expected_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[1].running_var.double(), expected_var, rtol=1e-5, atol=1e-6)
+
+
+def test_shift_handles_channels_that_compression_killed(small_net, images):
+    compressed = copy.deepcopy(small_net)
+    compressed.conv1.weight.data[2] = 0  # channel 2 of bn1's input becomes the constant bias
+    out = renormalize(compressed, images, "shift", reference=small_net, batch_size=16)
+    for name, bn in batchnorm_layers(out):
+        assert torch.isfinite(bn.running_mean).all() and torch.isfinite(bn.running_var).all(), name
+    with torch.no_grad():
+        pre = out.conv1(images)
+        y = out.bn1(pre)
+    # the dead channel is centred: it outputs beta, not (bias - old mean) / sqrt(eps)
+    torch.testing.assert_close(y[:, 2], torch.full_like(y[:, 2], float(out.bn1.bias[2].detach())), rtol=1e-4, atol=1e-4)
+
+
+def test_shift_needs_a_reference(small_net, images):
+    with pytest.raises(RenormError, match="reference"):
+        renormalize(small_net, images, "shift")
+
+
+def test_accepts_a_dataloader_and_rejects_a_generator(small_net, images):
+    loader = DataLoader(TensorDataset(images, torch.zeros(len(images))), batch_size=20)
+    from_loader = stats(renormalize(small_net, loader, "exact", warmup=16))
+    from_tensor = stats(renormalize(small_net, images, "exact", batch_size=20, warmup=16))
+    assert_stats_close(from_loader, from_tensor, rtol=1e-6)
+    with pytest.raises(RenormError, match="re-iterable"):
+        renormalize(small_net, (b for b in images.split(10)), "exact")
+
+
+def test_none_mode_and_bad_mode(small_net, images):
+    assert_stats_close(stats(renormalize(small_net, images, "none")), stats(small_net), rtol=0, atol=0)
+    with pytest.raises(RenormError, match="mode"):
+        renormalize(small_net, images, "magic")
+
+
+def test_wrong_image_size_is_a_clear_error(images):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 10 * 10, 2)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(RenormError, match="do not fit the model"):
+            renormalize(model, torch.randn(8, 3, 20, 20))
