@@ -45,6 +45,7 @@ class Config:
     prune_type: str = "unstructured"
     prune_scope: str = "layer"
     prune_importance: str = "l1"
+    prune_budget: str = "filters"
     prune_exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -58,8 +59,6 @@ class Config:
             ActivationQuantConfig(self.abits, self.act_images)
         self.weight_config()
         if self.prune:
-            from renorm.prune import PruneConfig
-
             self.prune_config()
 
     def weight_config(self) -> WeightQuantConfig:
@@ -69,7 +68,7 @@ class Config:
         from renorm.prune import PruneConfig
 
         return PruneConfig(self.prune, self.prune_type, self.prune_scope, self.prune_importance,
-                           tuple(self.prune_exclude), self.seed)
+                           tuple(self.prune_exclude), self.seed, self.prune_budget)
 
 
 @dataclass
@@ -97,6 +96,7 @@ def compress(model: nn.Module | str | LoadedModel, calib: Any, config: Config = 
     if isinstance(eval_data, str):
         eval_data = _as_source(eval_data, preset, labeled=None)
     fp32 = loaded.model.eval()
+    _check_input_fits(fp32, calib, config)
     stages: dict[str, dict] = {}
     accuracy_by_stage: dict[str, dict] = {}
     evaluator = _Evaluator(eval_data, fp32, config.batch_size, progress) if eval_data is not None else None
@@ -168,6 +168,14 @@ def _as_source(data: Any, preset: Preset | None, labeled: bool | None) -> Any:
             raise RenormError(f"to read {data!r} renorm needs a preprocessing preset for this model")
         return open_images(data, preset, labeled=labeled)
     return data
+
+
+@torch.no_grad()
+def _check_input_fits(model: nn.Module, calib: Any, config: Config) -> None:
+    """Fail fast, before any compression work, when the images do not fit the model."""
+    from renorm.evaluate import _checked_forward
+
+    _checked_forward(model, _example(calib, config))
 
 
 def _example(calib: Any, config: Config) -> torch.Tensor:

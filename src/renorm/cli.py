@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune-type", default="unstructured", help="unstructured (default) or filter")
     p.add_argument("--prune-scope", default="layer", help="layer (default) or global")
     p.add_argument("--prune-importance", default="l1", help="filter importance: l1 (default), l2, or bn")
+    p.add_argument("--prune-budget", default="filters", help="for filter pruning, FRACTION is of: filters "
+                   "(default), params, or macs")
     p.add_argument("--prune-exclude", nargs="+", default=[], help="layer names not to prune")
     compress.add_argument("--seed", type=int, default=0)
     compress.add_argument("--eval", help="evaluation images: labeled (one folder per class, or "
@@ -83,6 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, help="images: labeled folder / fashion-mnist:test, or unlabeled")
     evaluate.add_argument("--reference", help="a reference model spec to measure agreement with")
     _common_options(evaluate)
+
+    sens = commands.add_parser("sensitivity", help="per-layer pruning sensitivity on unlabeled images")
+    _model_options(sens)
+    sens.add_argument("--calib", required=True, help="unlabeled images (folder or fashion-mnist:train)")
+    sens.add_argument("--num-images", type=int, default=256, help="images used (default 256)")
+    sens.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.9])
+    sens.add_argument("--renorm", default="exact", help="re-normalize after pruning each layer: exact "
+                      "(default), shift, or none")
+    sens.add_argument("--plot", default="sensitivity.png", help="PNG plot (default sensitivity.png)")
+    sens.add_argument("--seed", type=int, default=0)
+    _common_options(sens)
 
     demo = commands.add_parser("demo", help="the embedded default: reference resnet18, W4A8, exact re-normalization")
     demo.add_argument("--report", default=DEMO_REPORT, help=f"JSON report (default {DEMO_REPORT})")
@@ -116,9 +129,13 @@ def run_compress(args: argparse.Namespace) -> int:
                     batch_size=args.batch_size, warmup=args.warmup, passes=args.passes, seed=args.seed,
                     exclude=tuple(args.exclude), prune=args.prune, prune_type=args.prune_type,
                     prune_scope=args.prune_scope, prune_importance=args.prune_importance,
-                    prune_exclude=tuple(args.prune_exclude))
+                    prune_budget=args.prune_budget, prune_exclude=tuple(args.prune_exclude))
     _check_writable(args.out, "--out")
     _check_writable(args.report, "--report")
+    for item in (args.model, args.weights):
+        if args.out and item and Path(item).expanduser().exists() and \
+                Path(args.out).expanduser().resolve() == Path(item).expanduser().resolve():
+            raise RenormError(f"--out {args.out} is the input model; write the compressed model to a new file")
     loaded = _load(args)
     calib = open_images(args.calib, loaded.preset, labeled=False)
     eval_data = open_images(args.eval, loaded.preset) if args.eval else None
@@ -153,6 +170,27 @@ def run_evaluate(args: argparse.Namespace) -> int:
                              "skipped_files": list(data.skipped), "seconds": metrics["seconds"]},
               "accuracy": accuracy, "table": accuracy_table(accuracy)}
     _finish(report, args.report)
+    return 0
+
+
+def run_sensitivity(args: argparse.Namespace) -> int:
+    from renorm.data import open_images, sample
+    from renorm.renormalize import MODES
+    from renorm.sensitivity import plot_sensitivity, sensitivity, sensitivity_table
+
+    if args.renorm not in MODES:
+        raise RenormError(f"--renorm {args.renorm!r} is not a mode; choose one of {', '.join(MODES)}")
+    _check_writable(args.report, "--report")
+    _check_writable(args.plot, "--plot")
+    loaded = _load(args)
+    images = sample(open_images(args.calib, loaded.preset, labeled=False), args.num_images, args.seed)
+    rows = sensitivity(loaded.model, images, args.sparsities, args.renorm, args.batch_size, progress=not args.quiet)
+    plot_sensitivity(rows, args.plot, f"{loaded.spec}: per-layer pruning sensitivity ({args.renorm} re-normalization)")
+    table = sensitivity_table(rows)
+    report = {"model": {"spec": loaded.spec}, "calibration": {"source": images.name, "images_used": len(images)},
+              "renorm": args.renorm, "sensitivity": rows, "table": table, "plot": args.plot}
+    _finish(report, args.report)
+    print(f"plot: {args.plot}")
     return 0
 
 
@@ -210,7 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         with warnings.catch_warnings():
             warnings.simplefilter("default")
-            handler = {"compress": run_compress, "evaluate": run_evaluate, "demo": run_demo}
+            handler = {"compress": run_compress, "evaluate": run_evaluate, "sensitivity": run_sensitivity,
+                       "demo": run_demo}
             return handler[args.command](args)
     except RenormError as error:
         print(f"renorm: error: {error}", file=sys.stderr)

@@ -49,6 +49,22 @@ def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> tor
     return torch.stack([low, high], dim=1).reshape(-1)[:count].to(torch.int8).reshape(shape)
 
 
+def pack_mask(mask: torch.Tensor) -> dict[str, Any]:
+    """A boolean mask as bits (numpy.packbits) and its shape."""
+    import numpy as np
+
+    return {"bits": torch.from_numpy(np.packbits(mask.reshape(-1).numpy().astype(np.uint8))),
+            "shape": list(mask.shape)}
+
+
+def unpack_mask(packed: dict[str, Any]) -> torch.Tensor:
+    import numpy as np
+
+    count = int(np.prod(packed["shape"])) if packed["shape"] else 1
+    bits = np.unpackbits(packed["bits"].numpy())[:count].astype(bool)
+    return torch.from_numpy(bits).reshape(packed["shape"])
+
+
 def save_compressed(path: str | Path, model: nn.Module, loaded: LoadedModel, preset: Preset | None = None,
                     protected: list[str | Path] = ()) -> int:
     """Write `model` to `path` atomically; return the file size in bytes.
@@ -80,7 +96,7 @@ def save_compressed(path: str | Path, model: nn.Module, loaded: LoadedModel, pre
                              "relative_error": q.relative_error} for name, q in quantized.items()},
         "activations": {name: {"scale": q.scale, "signed": q.signed, "bits": q.bits, "relative_error": q.relative_error}
                         for name, m in model.named_modules() if (q := getattr(m, activations.ATTRIBUTE, None))},
-        "masks": {name: m for name, module in model.named_modules()
+        "masks": {name: pack_mask(m) for name, module in model.named_modules()
                   if (m := getattr(module, MASK_ATTRIBUTE, None)) is not None},
         "pruned_channels": getattr(model, "_renorm_pruned_channels", None),
     }
@@ -135,7 +151,7 @@ def load_compressed(payload: dict[str, Any], path: Path, trust_pickle: bool = Fa
     for name, quantized in restored.items():
         setattr(modules[name], ATTRIBUTE, quantized)
     for name, mask in payload.get("masks", {}).items():
-        setattr(modules[name], MASK_ATTRIBUTE, mask)
+        setattr(modules[name], MASK_ATTRIBUTE, unpack_mask(mask))
     for name, entry in payload.get("activations", {}).items():
         activations.attach(modules[name], activations.ActivationQuantizer(
             entry["scale"], entry["signed"], entry["bits"], entry.get("relative_error", float("nan"))))

@@ -173,15 +173,21 @@ def _targets(mode: str, layers: list, reference: nn.Module | None) -> Target:
     if reference is None:
         raise RenormError("shift re-normalization needs the uncompressed reference model")
     reference_layers = dict(batchnorm_layers(reference))
+    kept: dict[str, torch.Tensor] = {}
     for name, module in layers:
         other = reference_layers.get(name)
-        if other is None or other.running_mean.shape != module.running_mean.shape:
+        if other is not None and other.running_mean.shape != module.running_mean.shape \
+                and getattr(module, "_renorm_kept_channels", None) is not None:
+            kept[name] = torch.tensor(module._renorm_kept_channels)  # set by filter pruning
+        elif other is None or other.running_mean.shape != module.running_mean.shape:
             raise RenormError(f"shift re-normalization needs the same BatchNorm layers in both models; "
-                              f"{name!r} differs (use --renorm exact after filter pruning)")
+                              f"{name!r} differs (use --renorm exact)")
     original = {name: (m.running_mean.double().clone(), m.running_var.double().clone()) for name, m in layers}
 
     def shift(name: str, mean: torch.Tensor, var: torch.Tensor, ref: Any) -> tuple[torch.Tensor, torch.Tensor]:
         ref_mean, ref_var = ref
+        if name in kept:
+            ref_mean, ref_var = ref_mean[kept[name]], ref_var[kept[name]]
         orig_mean, orig_var = original[name]
         new_mean = orig_mean + (mean - ref_mean)
         new_var = orig_var * var / ref_var.clamp_min(1e-30)

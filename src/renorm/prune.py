@@ -1,0 +1,271 @@
+"""Pruning: unstructured magnitude masks, and filter pruning that really removes channels.
+
+Unstructured: zero the smallest-magnitude weights of each conv/linear layer (scope
+"layer") or below one threshold over all of them (scope "global"). The mask stays on the
+module (`_renorm_mask`) so that quantization keeps the zeros.
+
+Filter: remove whole output channels, ranked by the L1 / L2 norm of their weights or by
+BatchNorm scale, through Torch-Pruning's DependencyGraph, which keeps coupled channels
+(residual additions, depthwise groups, concatenations) consistent. The result is a
+plain, smaller nn.Module; its pruning history is kept so a saved file can be rebuilt.
+"""
+from __future__ import annotations
+
+import io
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from renorm.errors import RenormError
+from renorm.quantize.weights import MASK_ATTRIBUTE, quantizable_layers
+
+KINDS = ("unstructured", "filter")
+SCOPES = ("layer", "global")
+IMPORTANCES = ("l1", "l2", "bn")
+BUDGETS = ("filters", "params", "macs")
+KEPT_ATTRIBUTE = "_renorm_kept_channels"  # on a pruned BatchNorm: indices of its original channels
+HISTORY_ATTRIBUTE = "_renorm_pruned_channels"  # on a filter-pruned model: how to redo the pruning
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """What to prune and how much. fraction is of weights (unstructured) or of filters / params / MACs."""
+
+    fraction: float
+    kind: str = "unstructured"
+    scope: str = "layer"
+    importance: str = "l1"
+    exclude: tuple[str, ...] = ()
+    seed: int = 0
+    budget: str = "filters"
+    prune_first_last: bool = False
+    prune_depthwise: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fraction < 1.0:
+            raise RenormError(f"--prune {self.fraction} is outside [0, 1): give the fraction to remove, e.g. 0.5")
+        for value, allowed, flag in ((self.kind, KINDS, "--prune-type"), (self.scope, SCOPES, "--prune-scope"),
+                                     (self.importance, IMPORTANCES, "--prune-importance"),
+                                     (self.budget, BUDGETS, "--prune-budget")):
+            if value not in allowed:
+                raise RenormError(f"{flag} {value!r} is not one of {', '.join(allowed)}")
+
+
+def prunable_layers(model: nn.Module, config: PruneConfig) -> list[tuple[str, nn.Module]]:
+    """Layers unstructured pruning touches: not excluded, not depthwise or first/last unless asked."""
+    layers = quantizable_layers(model)
+    names = {name for name, _ in layers}
+    unknown = [name for name in config.exclude if name not in names]
+    if unknown:
+        raise RenormError(f"--prune-exclude names no conv/linear layer {unknown[0]!r}; layers are e.g. "
+                          f"{', '.join(list(names)[:5])}")
+    ends = {layers[0][0], layers[-1][0]} if layers and not config.prune_first_last else set()
+    return [(name, m) for name, m in layers if name not in config.exclude and name not in ends
+            and (config.prune_depthwise or not _is_depthwise(m))]
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and module.groups == module.in_channels
+
+
+# --------------------------------------------------------------------------- unstructured
+@torch.no_grad()
+def magnitude_prune(model: nn.Module, config: PruneConfig) -> nn.Module:
+    """Zero the smallest weights in place and keep the masks on the modules."""
+    layers = prunable_layers(model, config)
+    if not layers:
+        raise RenormError("no layer left to prune: every conv/linear layer is excluded")
+    if config.scope == "global":
+        magnitudes = torch.cat([m.weight.detach().abs().reshape(-1) for _, m in layers])
+        threshold = _kth_smallest(magnitudes, config.fraction)
+    for _, module in layers:
+        magnitude = module.weight.detach().abs()
+        limit = threshold if config.scope == "global" else _kth_smallest(magnitude.reshape(-1), config.fraction)
+        mask = magnitude > limit
+        old = getattr(module, MASK_ATTRIBUTE, None)
+        mask = mask & old if old is not None else mask
+        module.weight.mul_(mask)
+        setattr(module, MASK_ATTRIBUTE, mask)
+    return model
+
+
+def _kth_smallest(values: torch.Tensor, fraction: float) -> float:
+    """The magnitude at or below which `fraction` of the values lie (-1 when nothing is removed)."""
+    k = int(round(fraction * values.numel()))
+    if k == 0:
+        return -1.0
+    return float(values.float().kthvalue(k).values)
+
+
+def sparsity_by_layer(model: nn.Module) -> list[dict[str, Any]]:
+    """Per conv/linear layer: name, parameters, zeros, sparsity."""
+    rows = []
+    for name, module in quantizable_layers(model):
+        zeros = int((module.weight == 0).sum())
+        rows.append({"layer": name, "weights": module.weight.numel(), "zeros": zeros,
+                     "sparsity": zeros / max(1, module.weight.numel())})
+    return rows
+
+
+# --------------------------------------------------------------------------- filters
+def _torch_pruning():
+    try:
+        import torch_pruning
+    except ImportError:
+        raise RenormError("filter pruning needs Torch-Pruning: pip install 'renorm[prune]'") from None
+    return torch_pruning
+
+
+def filter_prune(model: nn.Module, config: PruneConfig, example: torch.Tensor,
+                 progress: bool = False) -> nn.Module:
+    """Remove output channels in place (Torch-Pruning); record kept BN channels and the history."""
+    tp = _torch_pruning()
+    layers = quantizable_layers(model)
+    names = {name for name, _ in layers}
+    unknown = [name for name in config.exclude if name not in names]
+    if unknown:
+        raise RenormError(f"--prune-exclude names no conv/linear layer {unknown[0]!r}")
+    excluded = {name for name in config.exclude} | ({layers[-1][0]} if layers else set())
+    ignored = [m for name, m in layers if name in excluded]
+    importance = {"l1": lambda: tp.importance.MagnitudeImportance(p=1),
+                  "l2": lambda: tp.importance.MagnitudeImportance(p=2),
+                  "bn": lambda: tp.importance.BNScaleImportance()}[config.importance]()
+    before = {name: _bn_fingerprint(bn) for name, bn in _batchnorms(model)}
+    example = example[:1]
+    params_before, macs_before = _count(model, example)
+    steps = 1 if config.budget == "filters" else 40
+    ratio = config.fraction if config.budget == "filters" else 0.95
+    pruner = tp.pruner.MetaPruner(model, example, importance=importance, pruning_ratio=ratio,
+                                  global_pruning=config.scope == "global", ignored_layers=ignored,
+                                  iterative_steps=steps)
+    for _ in range(steps):
+        if config.budget != "filters":
+            params, macs = _count(model, example)
+            done = (1 - params / params_before) if config.budget == "params" else (1 - macs / macs_before)
+            if done >= config.fraction:
+                break
+        pruner.step()
+    model.eval()
+    for name, bn in _batchnorms(model):
+        setattr(bn, KEPT_ATTRIBUTE, _match_channels(before[name], _bn_fingerprint(bn)))
+    setattr(model, HISTORY_ATTRIBUTE, {"history": [[n, bool(o), [int(i) for i in idx]]
+                                                   for n, o, idx in pruner.pruning_history()],
+                                       "input_shape": list(example.shape)})
+    return model
+
+
+def apply_pruned_channels(model: nn.Module, record: dict[str, Any]) -> nn.Module:
+    """Redo a recorded filter pruning on a freshly built model (for loading saved files)."""
+    tp = _torch_pruning()
+    graph = tp.DependencyGraph().build_dependency(model, torch.zeros(record["input_shape"]))
+    graph.load_pruning_history([(n, o, idx) for n, o, idx in record["history"]])
+    return model
+
+
+def _batchnorms(model: nn.Module):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def _bn_fingerprint(bn: nn.Module) -> torch.Tensor:
+    parts = [bn.running_mean, bn.running_var] if bn.running_mean is not None else []
+    if bn.affine:
+        parts += [bn.weight.detach(), bn.bias.detach()]
+    return torch.stack(parts, 1) if parts else torch.arange(bn.num_features, dtype=torch.float32)[:, None]
+
+
+def _match_channels(original: torch.Tensor, pruned: torch.Tensor) -> list[int]:
+    """Index in `original` of each row of `pruned` (rows are a channel's stored numbers)."""
+    lookup: dict[tuple, list[int]] = {}
+    for index, row in enumerate(original.tolist()):
+        lookup.setdefault(tuple(row), []).append(index)
+    kept = []
+    for row in pruned.tolist():
+        candidates = lookup.get(tuple(row))
+        if not candidates:
+            raise RenormError("could not match pruned BatchNorm channels to the original ones")
+        kept.append(candidates.pop(0))
+    return kept
+
+
+# --------------------------------------------------------------------------- entry point
+def prune(model: nn.Module, config: PruneConfig, example: torch.Tensor | None = None,
+          progress: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """Prune `model` in place; return it with a report (params, MACs, size, sparsity or channels)."""
+    if example is None:
+        raise RenormError("pruning needs one example image to trace the model")
+    params_before, macs_before = _count(model, example[:1])
+    size_before = state_dict_bytes(model)
+    if config.kind == "unstructured":
+        magnitude_prune(model, config)
+    else:
+        filter_prune(model, config, example, progress)
+    params_after, macs_after = _count(model, example[:1])
+    report: dict[str, Any] = {
+        "type": config.kind, "scope": config.scope, "fraction": config.fraction,
+        "params_before": params_before, "params_after": params_after,
+        "macs_before": macs_before, "macs_after": macs_after,
+        "bytes_before": size_before, "bytes_after": state_dict_bytes(model),
+    }
+    if config.kind == "unstructured":
+        rows = sparsity_by_layer(model)
+        zeros = sum(r["zeros"] for r in rows)
+        report.update({"nonzero_weights": sum(r["weights"] for r in rows) - zeros,
+                       "sparsity": zeros / max(1, sum(r["weights"] for r in rows)), "layers": rows})
+    else:
+        report["layers"] = [{"layer": name, "out_channels": _out_channels(m)} for name, m in quantizable_layers(model)]
+    return model, report
+
+
+def _out_channels(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+
+
+def _count(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
+    """(parameters, multiply-accumulates per image) of the model as it is stored (dense)."""
+    params = sum(p.numel() for p in model.parameters())
+    macs = 0
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        nonlocal macs
+        if isinstance(module, nn.modules.conv._ConvNd):
+            macs += output[0].numel() * module.weight[0].numel() if not module.transposed else \
+                args[0][0].numel() * module.weight[0].numel()
+        elif isinstance(module, nn.Linear):
+            macs += module.weight.numel() * (output[0].numel() // module.out_features)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return params, macs
+
+
+def state_dict_bytes(model: nn.Module) -> int:
+    """Size of torch.save(model.state_dict()) in bytes (the dense fp32 file)."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell()
+
+
+@torch.no_grad()
+def latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 10) -> float:
+    """Median wall-clock milliseconds of one forward pass on `example` (after two warm-ups)."""
+    model.eval()
+    for _ in range(2):
+        model(example)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(example)
+        times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)

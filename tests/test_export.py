@@ -1,0 +1,82 @@
+"""Saving and loading compressed models."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from renorm.errors import RenormError
+from renorm.export import pack_codes, save_compressed, unpack_codes
+from renorm.models import LoadedModel, load_model
+from renorm.prune import PruneConfig, prune
+from renorm.quantize.activations import ActivationQuantConfig, calibrate_activations
+from renorm.quantize.weights import WeightQuantConfig, quantize_weights
+from renorm.renormalize import renormalize
+
+
+@settings(max_examples=50, deadline=None)
+@given(bits=st.integers(2, 8), size=st.integers(1, 200), seed=st.integers(0, 1000))
+def test_pack_unpack_roundtrip(bits, size, seed):
+    top = 2 ** (bits - 1) - 1
+    codes = torch.randint(-top, top + 1, (size,), generator=torch.Generator().manual_seed(seed)).to(torch.int8)
+    packed = pack_codes(codes, bits)
+    assert packed.numel() == ((size + 1) // 2 if bits <= 4 else size)
+    assert torch.equal(unpack_codes(packed, bits, (size,)), codes)
+
+
+def _compressed_resnet(tmp_path, filter_prune: bool = False, unstructured: bool = True):
+    loaded = load_model("torchvision:resnet18", num_classes=10)
+    fp32 = loaded.model
+    model = copy.deepcopy(fp32)
+    images = torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    if filter_prune:
+        model, _ = prune(model, PruneConfig(0.3, "filter"), example=images[:1])
+    elif unstructured:
+        model, _ = prune(model, PruneConfig(0.5), example=images[:1])
+    quantize_weights(model, WeightQuantConfig(bits=4, scheme="pow2"))
+    model = renormalize(model, images, "exact", batch_size=8, warmup=8)
+    calibrate_activations(model, images, ActivationQuantConfig(bits=8, num_images=16), batch_size=8)
+    return loaded, model, images
+
+
+@pytest.mark.parametrize("filter_prune", [False, True])
+def test_saved_model_reloads_with_identical_outputs(tmp_path, filter_prune):
+    loaded, model, images = _compressed_resnet(tmp_path, filter_prune)
+    path = tmp_path / "out" / "model.renorm.pt"
+    size = save_compressed(path, model, loaded)
+    assert path.stat().st_size == size
+    assert [p.name for p in path.parent.iterdir()] == ["model.renorm.pt"]  # no temporary file left
+    reloaded = load_model(str(path))
+    with torch.no_grad():
+        assert torch.equal(reloaded.model(images), model(images))
+    conv = reloaded.model.layer1[0].conv1
+    assert conv._renorm_quantized.bits == 4 and conv._renorm_act.bits == 8
+    if not filter_prune:
+        assert torch.equal(conv._renorm_mask, model.layer1[0].conv1._renorm_mask)
+    else:
+        assert reloaded.model.layer1[0].conv1.out_channels == model.layer1[0].conv1.out_channels < 64
+
+
+def test_four_bit_codes_make_the_file_small(tmp_path):
+    loaded, model, _ = _compressed_resnet(tmp_path, unstructured=False)
+    size = save_compressed(tmp_path / "q.pt", model, loaded)
+    torch.save(loaded.model.state_dict(), tmp_path / "fp32.pt")
+    fp32 = (tmp_path / "fp32.pt").stat().st_size
+    assert size < 0.14 * fp32  # 4-bit codes: 1/8 of fp32, plus scales and 8-bit first/last layers
+    _, pruned, _ = _compressed_resnet(tmp_path)
+    assert save_compressed(tmp_path / "p.pt", pruned, loaded) < 0.17 * fp32  # + a 1-bit mask per weight
+
+
+def test_never_overwrites_the_input_model(tmp_path):
+    model = torchvision.models.resnet18(num_classes=10)
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    before = (tmp_path / "w.pt").read_bytes()
+    loaded = LoadedModel(model, "torchvision:resnet18", None, 10, {"kind": "torchvision", "name": "resnet18",
+                                                                  "num_classes": 10})
+    with pytest.raises(RenormError, match="is the input model"):
+        save_compressed(tmp_path / "w.pt", model, loaded, protected=[tmp_path / "w.pt"])
+    assert (tmp_path / "w.pt").read_bytes() == before

@@ -1,0 +1,82 @@
+"""Model specs -> modules: torchvision, reference models, EfficientNet-Lite, files."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+from conftest import SmallNet
+from renorm.errors import RenormError
+from renorm.models import REFERENCE_MODELS, load_model
+
+
+def test_torchvision_spec_with_weights_file_and_checkpoint_dict(tmp_path):
+    source = torchvision.models.resnet18(num_classes=7)
+    torch.save(source.state_dict(), tmp_path / "plain.pt")
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}},
+               tmp_path / "ckpt.pth")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = source.eval()(x)
+        for name in ("plain.pt", "ckpt.pth"):
+            loaded = load_model("torchvision:resnet18", weights=str(tmp_path / name), num_classes=7)
+            assert not loaded.model.training and loaded.preset.name == "imagenet"
+            torch.testing.assert_close(loaded.model(x), expected)
+
+
+def test_weights_that_do_not_fit_name_the_mismatch(tmp_path):
+    torch.save(torchvision.models.resnet18(num_classes=7).state_dict(), tmp_path / "w.pt")
+    with pytest.raises(RenormError, match=r"shape mismatch.*fc\.weight.*--num-classes"):
+        load_model("torchvision:resnet18", weights=str(tmp_path / "w.pt"))
+    torch.save(torchvision.models.mobilenet_v2().state_dict(), tmp_path / "m.pt")
+    with pytest.raises(RenormError, match="missing"):
+        load_model("torchvision:resnet18", weights=str(tmp_path / "m.pt"))
+    with pytest.raises(RenormError, match="does not exist"):
+        load_model("torchvision:resnet18", weights=str(tmp_path / "none.pt"))
+
+
+def test_unknown_specs():
+    with pytest.raises(RenormError, match="torchvision has no classification model"):
+        load_model("torchvision:resnet19")
+    with pytest.raises(RenormError, match="unknown model"):
+        load_model("not-a-model")
+
+
+def test_pickled_module_needs_trust(tmp_path):
+    torch.save(SmallNet(), tmp_path / "whole.pt")
+    with pytest.raises(RenormError, match="--trust-pickle"):
+        load_model(str(tmp_path / "whole.pt"))
+    assert isinstance(load_model(str(tmp_path / "whole.pt"), trust_pickle=True).model, SmallNet)
+
+
+def test_state_dict_file_alone_asks_for_the_architecture(tmp_path):
+    torch.save(SmallNet().state_dict(), tmp_path / "sd.pt")
+    with pytest.raises(RenormError, match="torchvision:NAME --weights"):
+        load_model(str(tmp_path / "sd.pt"))
+
+
+def test_torchscript_archive(tmp_path):
+    model = torchvision.models.resnet18(num_classes=3).eval()
+    torch.jit.save(torch.jit.trace(model, torch.randn(1, 3, 32, 32)), str(tmp_path / "ts.pt"))
+    loaded = load_model(str(tmp_path / "ts.pt"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), model(x))
+
+
+@pytest.mark.parametrize("name", list(REFERENCE_MODELS))
+def test_reference_models_load_with_their_preset(name):
+    loaded = load_model(name)
+    assert loaded.preset.name == "fashion-mnist" and loaded.num_classes == 10
+    assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
+    with torch.no_grad():
+        assert loaded.model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_efficientnet_lite0_real_weights():
+    loaded = load_model("efficientnet-lite0")
+    assert loaded.preset.name == "tf" and loaded.preset.crop == 224 and loaded.preset.resize == 256
+    params = sum(p.numel() for p in loaded.model.parameters())
+    assert 4.5e6 < params < 4.8e6
+    with pytest.raises(RenormError, match="own weights"):
+        load_model("efficientnet-lite0", num_classes=10)
