@@ -309,12 +309,12 @@ def iter_batches(source: ImageSource, batch_size: int, progress: bool = False,
             images.append(image)
             labels.append(label)
             if len(images) == batch_size:
+                bar.update(len(images))
                 yield _stack(images, source), torch.tensor(labels)
-                bar.update(len(images) + 0)
                 images, labels = [], []
         if images:
-            yield _stack(images, source), torch.tensor(labels)
             bar.update(len(images))
+            yield _stack(images, source), torch.tensor(labels)
 
 
 def _stack(images: list[torch.Tensor], source: ImageSource) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Scripts that regenerate every table and plot in the README (see benchmarks/README.md)."""
