@@ -131,3 +131,15 @@ def test_unreadable_calibration_files_are_counted_and_named(tmp_path, folder):
     assert calibration["skipped"] == 1 and calibration["skipped_files"][0].endswith("broken.png")
     assert calibration["images_used"] == 3
     assert "1 unreadable" in result.stdout
+
+
+def test_torchscript_can_be_evaluated_but_not_compressed(tmp_path):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    torch.jit.save(torch.jit.trace(model, torch.randn(1, 3, 32, 32)), str(tmp_path / "ts.pt"))
+    assert_clean_error(run("compress", str(tmp_path / "ts.pt"), "--calib", "fashion-mnist-mini:train",
+                           "--preset", "fashion-mnist", "--quiet"), "TorchScript")
+    result = run("evaluate", str(tmp_path / "ts.pt"), "--data", "fashion-mnist-mini:test", "--preset",
+                 "fashion-mnist", "--quiet", "--batch-size", "500")
+    assert result.returncode == 0, result.stderr
+    assert "top-1" in result.stdout

@@ -46,28 +46,54 @@ def assert_stats_close(a, b, rtol, atol=1e-6):
         torch.testing.assert_close(a[name][1], b[name][1], rtol=rtol, atol=atol, msg=f"var of {name}")
 
 
+@torch.no_grad()
+def direct_progressive(model: nn.Module, images: torch.Tensor, chunk: int) -> dict:
+    """The progressive estimate by definition: chunk by chunk, BatchNorm by BatchNorm, each set
+    from all its inputs so far (float64), the chunk's input computed with earlier layers set."""
+    model = copy.deepcopy(model).double().eval()
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name, _ in batchnorm_layers(model)}
+    for start in range(0, len(images), chunk):
+        x = images[start:start + chunk].double()
+        for name, bn in batchnorm_layers(model):
+            captured = {}
+            handle = bn.register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0]))
+            model(x)
+            handle.remove()
+            seen[name].append(captured["x"])
+            inp = torch.cat(seen[name])
+            dims = [d for d in range(inp.dim()) if d != 1]
+            bn.running_mean.copy_(inp.mean(dims))
+            bn.running_var.copy_(inp.var(dims, unbiased=True))
+    return stats(model)
+
+
 @pytest.mark.parametrize("batch_size", [1, 7, 32, 96])
-def test_exact_equals_direct_computation_for_any_batch_size(small_net, images, batch_size):
+def test_exact_equals_the_fixed_point_when_the_images_fit_one_chunk(small_net, images, batch_size):
     expected = direct_fixed_point(small_net, images)
-    # warm-up covering all images: the fixed point in one batch, then the streaming pass.
-    got = stats(renormalize(small_net, images, "exact", batch_size=batch_size, warmup=len(images)))
+    got = stats(renormalize(small_net, images, "exact", batch_size=batch_size, chunk=len(images)))
     assert_stats_close(got, expected, rtol=1e-4)
 
 
-def test_exact_streaming_passes_reach_the_fixed_point(small_net, images):
-    expected = direct_fixed_point(small_net, images)
-    # no warm-up: pass k makes the k-th BatchNorm (in depth) exact; this net has depth 3.
-    got = stats(renormalize(small_net, images, "exact", batch_size=10, warmup=0, passes=3))
+@pytest.mark.parametrize("chunk", [1, 10, 40])
+def test_exact_equals_a_direct_progressive_computation(small_net, images, chunk):
+    expected = direct_progressive(small_net, images, chunk)
+    got = stats(renormalize(small_net, images, "exact", batch_size=7, chunk=chunk))
     assert_stats_close(got, expected, rtol=1e-4)
-    one_pass = stats(renormalize(small_net, images, "exact", batch_size=10, warmup=0, passes=1))
-    with pytest.raises(AssertionError):  # one pass from the wrong statistics is not enough
-        assert_stats_close(one_pass, expected, rtol=1e-3)
 
 
 def test_result_does_not_depend_on_batch_size(small_net, images):
-    results = [stats(renormalize(small_net, images, "exact", batch_size=b, warmup=16)) for b in (3, 16, 50, 96)]
+    results = [stats(renormalize(small_net, images, "exact", batch_size=b, chunk=16)) for b in (1, 3, 16, 50, 96)]
     for other in results[1:]:
         assert_stats_close(other, results[0], rtol=1e-5)
+
+
+def test_progressive_estimate_is_near_the_fixed_point_and_uses_every_image(small_net, images):
+    fixed_point = direct_fixed_point(small_net, images)
+    progressive = stats(renormalize(small_net, images, "exact", chunk=16))
+    assert_stats_close(progressive, fixed_point, rtol=0.15, atol=0.05)
+    # the first layer sees no earlier BatchNorm: its statistics are exact over all 96 images
+    torch.testing.assert_close(progressive["bn1"][0], fixed_point["bn1"][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(progressive["bn1"][1], fixed_point["bn1"][1], rtol=1e-5, atol=1e-6)
 
 
 def test_pytorch_train_mode_one_batch_is_close_to_the_fixed_point(small_net, images):
@@ -111,8 +137,8 @@ def test_dropout_stays_in_eval_mode_so_statistics_are_deterministic(images):
     torch.manual_seed(0)
     net = perturbed(nn.Sequential(nn.Conv2d(3, 6, 3), nn.Dropout(0.5), nn.BatchNorm2d(6), nn.ReLU()))
     net.train()  # a caller's model in train mode: dropout must still not act during re-estimation
-    a = renormalize(net, images, "exact", batch_size=16, warmup=16)
-    b = renormalize(net, images, "exact", batch_size=16, warmup=16)
+    a = renormalize(net, images, "exact", batch_size=16, chunk=16)
+    b = renormalize(net, images, "exact", batch_size=16, chunk=16)
     assert_stats_close(stats(a), stats(b), rtol=0, atol=0)
     with torch.no_grad():
         clean = net[0](images)
@@ -145,12 +171,12 @@ def test_batchnorm_without_affine_and_3d():
     torch.manual_seed(0)
     net = perturbed(SmallNet(affine=False))
     x = torch.randn(40, 3, 8, 8)
-    assert_stats_close(stats(renormalize(net, x, "exact", batch_size=9, warmup=40)),
+    assert_stats_close(stats(renormalize(net, x, "exact", batch_size=9, chunk=40)),
                        direct_fixed_point(net, x), rtol=1e-4)
     net3d = perturbed(nn.Sequential(nn.Conv3d(2, 4, 3), nn.BatchNorm3d(4), nn.ReLU(), nn.Conv3d(4, 3, 1),
                                     nn.BatchNorm3d(3)))
     v = torch.randn(12, 2, 5, 5, 5)
-    assert_stats_close(stats(renormalize(net3d, v, "exact", batch_size=5, warmup=12)),
+    assert_stats_close(stats(renormalize(net3d, v, "exact", batch_size=5, chunk=12)),
                        direct_fixed_point(net3d, v), rtol=1e-4)
 
 
@@ -195,8 +221,8 @@ def test_shift_needs_a_reference(small_net, images):
 
 def test_accepts_a_dataloader_and_rejects_a_generator(small_net, images):
     loader = DataLoader(TensorDataset(images, torch.zeros(len(images))), batch_size=20)
-    from_loader = stats(renormalize(small_net, loader, "exact", warmup=16))
-    from_tensor = stats(renormalize(small_net, images, "exact", batch_size=20, warmup=16))
+    from_loader = stats(renormalize(small_net, loader, "exact", chunk=16))
+    from_tensor = stats(renormalize(small_net, images, "exact", batch_size=20, chunk=16))
     assert_stats_close(from_loader, from_tensor, rtol=1e-6)
     with pytest.raises(RenormError, match="re-iterable"):
         renormalize(small_net, (b for b in images.split(10)), "exact")

@@ -37,8 +37,7 @@ class Config:
     num_images: int = 1000
     act_images: int = 400
     batch_size: int = 50
-    warmup: int = 64
-    passes: int = 1
+    chunk: int = 64
     seed: int = 0
     exclude: tuple[str, ...] = ()
     prune: float = 0.0
@@ -96,6 +95,9 @@ def compress(model: nn.Module | str | LoadedModel, calib: Any, config: Config = 
     if isinstance(eval_data, str):
         eval_data = _as_source(eval_data, preset, labeled=None)
     fp32 = loaded.model.eval()
+    if isinstance(fp32, torch.jit.ScriptModule):
+        raise RenormError("a TorchScript model can be evaluated but not compressed: PyTorch allows no hooks or "
+                          "module surgery on it; load the eager model instead (torchvision:NAME --weights FILE)")
     _check_input_fits(fp32, calib, config)
     stages: dict[str, dict] = {}
     accuracy_by_stage: dict[str, dict] = {}
@@ -119,7 +121,7 @@ def compress(model: nn.Module | str | LoadedModel, calib: Any, config: Config = 
 
     with stage(stages, "renormalize"):
         work = renormalize(work, calib, config.renorm, reference=fp32, batch_size=config.batch_size,
-                           warmup=config.warmup, passes=config.passes, inplace=True, progress=progress)
+                           chunk=config.chunk, inplace=True, progress=progress)
     if evaluator and config.renorm != "none":
         with stage(stages, "evaluate_renormalized"):
             accuracy_by_stage["renormalized"] = evaluator(work, "evaluate renormalized")
@@ -132,7 +134,15 @@ def compress(model: nn.Module | str | LoadedModel, calib: Any, config: Config = 
             with stage(stages, "evaluate_final"):
                 accuracy_by_stage["final"] = evaluator(work, "evaluate final")
 
-    report = {
+    report = _report(loaded, preset, fp32, work, config, calib, evaluator, accuracy_by_stage, stages)
+    if prune_report is not None:
+        report["prune"] = prune_report
+    return Result(work, report)
+
+
+def _report(loaded: LoadedModel, preset: Preset | None, fp32: nn.Module, work: nn.Module, config: Config,
+            calib: Any, evaluator: "_Evaluator | None", accuracy_by_stage: dict, stages: dict) -> dict[str, Any]:
+    return {
         "renorm_version": __version__,
         "model": {"spec": loaded.spec, "preset": preset.describe() if preset else None,
                   "parameters": sum(p.numel() for p in fp32.parameters())},
@@ -147,9 +157,6 @@ def compress(model: nn.Module | str | LoadedModel, calib: Any, config: Config = 
         "batchnorm": {"mode": config.renorm, "layers_updated": 0 if config.renorm == "none"
                       else len(batchnorm_layers(work))},
     }
-    if prune_report is not None:
-        report["prune"] = prune_report
-    return Result(work, report)
 
 
 def _as_loaded(model: nn.Module | str | LoadedModel) -> LoadedModel:

@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--exclude", nargs="+", default=[], help="layer names to leave in float")
     r = compress.add_argument_group("re-normalization")
     r.add_argument("--renorm", default=None, help="exact (default), shift, or none")
-    r.add_argument("--warmup", type=int, default=64, help="images in the one-batch warm-up (default 64)")
-    r.add_argument("--passes", type=int, default=1, help="streaming passes over all images (default 1)")
+    r.add_argument("--chunk", type=int, default=64, help="images per progressive re-estimation step "
+                   "(default 64; memory is one chunk; the result does not depend on --batch-size)")
     p = compress.add_argument_group("pruning")
     p.add_argument("--prune", type=float, default=0.0, help="fraction of weights (or filters) to remove, 0..1")
     p.add_argument("--prune-type", default="unstructured", help="unstructured (default) or filter")
@@ -126,7 +126,7 @@ def run_compress(args: argparse.Namespace) -> int:
     renorm_mode = args.renorm or _default_renorm(args)
     config = Config(wbits=args.wbits, scheme=args.scheme, first_last_bits=args.first_last_bits, abits=args.abits,
                     renorm=renorm_mode, num_images=args.num_images, act_images=args.act_images,
-                    batch_size=args.batch_size, warmup=args.warmup, passes=args.passes, seed=args.seed,
+                    batch_size=args.batch_size, chunk=args.chunk, seed=args.seed,
                     exclude=tuple(args.exclude), prune=args.prune, prune_type=args.prune_type,
                     prune_scope=args.prune_scope, prune_importance=args.prune_importance,
                     prune_budget=args.prune_budget, prune_exclude=tuple(args.prune_exclude))

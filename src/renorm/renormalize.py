@@ -10,17 +10,24 @@ Modes
 
 How (both modes). The statistics the deployed, eval-mode network needs are a fixed
 point: each BatchNorm's input computed with every earlier BatchNorm already at its final
-statistics. A train-mode pass over small batches misses it (later layers see per-batch
-normalization, so the result depends on the batch size), and the paper's one-batch pass
-over all N images needs memory for N images at once. renorm does:
-  1. warm-up: one batch of the first `warmup` images, run in eval mode with a pre-hook on
-     each BatchNorm that sets its statistics from its own input before it normalizes, so
-     later layers see earlier layers already updated (the paper's one-batch estimate on a
-     subset; exact fixed point when N <= warmup);
-  2. `passes` streaming eval-mode passes over all N images (memory: one batch), each
-     accumulating every BatchNorm input's population mean and variance (Chan's merge in
-     float64), then setting them. The result does not depend on the batch size.
-Cost: (warmup + passes * N) / N forward passes, plus the FP32 model's forwards in shift mode.
+statistics. What matters most is that the statistics are *consistent* layer to layer;
+the sample size matters much less (benchmarks/renorm_variants.py measures both). A
+train-mode pass over small batches normalizes by per-batch statistics (so the result
+depends on the batch size); the paper's one-batch pass over all N images is the fixed
+point but needs memory for N images at once; an eval-mode pass that measures every
+layer under the old statistics of the layers before it is inconsistent, and a second
+such pass can diverge.
+
+renorm makes one progressive pass. The images go through the network in chunks of
+`chunk` images (default 64, whatever the batch size). At each BatchNorm a pre-hook
+merges the chunk's input moments into the layer's running population moments (Chan's
+merge, float64) and sets them as the layer's statistics before it normalizes the chunk;
+so every chunk's later layers are computed with earlier layers' statistics estimated
+from all images so far, including that chunk. With N <= chunk this is exactly the
+paper's one-batch fixed point; with more images it converges to it, using all of them.
+Memory: one chunk. Cost: one forward pass (two, FP32 and compressed, in shift mode),
+plus the moments. The result depends on the order and the chunk size, never on the
+batch size.
 """
 from __future__ import annotations
 
@@ -90,18 +97,21 @@ def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._
 
 @torch.no_grad()
 def renormalize(model: nn.Module, images: Any, mode: str = "exact", reference: nn.Module | None = None,
-                batch_size: int = 50, warmup: int = 64, passes: int = 1, inplace: bool = False,
-                progress: bool = False) -> nn.Module:
+                batch_size: int = 50, chunk: int = 64, inplace: bool = False, progress: bool = False) -> nn.Module:
     """Return `model` with re-estimated BatchNorm statistics (a copy unless inplace=True).
 
     images: an ImageSource, an (N, C, H, W) tensor, or a re-iterable of batches (a
-    DataLoader). reference: the uncompressed model, required by mode='shift'. Nothing but
-    running_mean / running_var changes; the model comes back in eval mode.
+    DataLoader); batch_size is how they are read. chunk: images per progressive step (see
+    the module docstring). reference: the uncompressed model, required by mode='shift'.
+    Nothing but running_mean / running_var changes; the model comes back in eval mode.
     """
     if mode not in MODES:
         raise RenormError(f"unknown re-normalization mode {mode!r}; choose one of {', '.join(MODES)}")
-    if warmup < 0 or passes < 0 or (mode != "none" and warmup == 0 and passes == 0):
-        raise RenormError("re-normalization needs warmup > 0 images or passes >= 1")
+    if chunk < 1:
+        raise RenormError(f"the re-normalization chunk must be at least 1 image, got {chunk}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise RenormError("a TorchScript model cannot be re-normalized (PyTorch allows no hooks on it); "
+                          "load the eager model instead (torchvision:NAME --weights FILE)")
     work = model if inplace else copy.deepcopy(model)
     work.eval()
     if mode == "none":
@@ -115,7 +125,7 @@ def renormalize(model: nn.Module, images: Any, mode: str = "exact", reference: n
     target = _targets(mode, layers, reference)
     stream = Batches(images, batch_size, progress, f"renormalize ({mode})")
     with _eval_mode(reference):
-        _estimate(work, layers, stream, mode, target, reference, warmup, passes)
+        _progressive_pass(work, layers, stream, chunk, target, reference if mode == "shift" else None)
     return work
 
 
@@ -132,27 +142,52 @@ def _eval_mode(model: nn.Module | None):
             module.training = flag
 
 
-def _estimate(work: nn.Module, layers: list, stream: Batches, mode: str, target: "Target",
-              reference: nn.Module | None, warmup: int, passes: int) -> None:
-    """Warm-up batch, then streaming passes; sets the statistics of `layers` in `work`."""
-    if warmup:
-        first = stream.first(warmup)
-        reference_stats = _single_batch_stats(reference, first) if mode == "shift" else None
-        _sequential_update(work, first, layers, target, reference_stats)
-    reference_moments = None
-    for _ in range(passes):
-        runs: list[tuple[nn.Module, list]] = [(work, layers)]
-        if mode == "shift" and reference_moments is None:
-            runs.append((reference, batchnorm_layers(reference)))
-        moments = _moments_pass(runs, stream)
-        if mode == "shift" and reference_moments is None:
-            reference_moments = moments[1]
-        for name, module in layers:
-            reference_pair = None
-            if reference_moments is not None:
-                reference_pair = (reference_moments[name].mean, reference_moments[name].variance)
-            mean, var = target(name, moments[0][name].mean, moments[0][name].variance, reference_pair)
-            _set_statistics(module, mean, var)
+def _progressive_pass(work: nn.Module, layers: list, stream: Batches, chunk: int, target: "Target",
+                      reference: nn.Module | None) -> None:
+    """One pass in chunks; each BatchNorm takes its statistics from all inputs so far before it normalizes."""
+    moments = {name: Moments() for name, _ in layers}
+    reference_moments = {name: Moments() for name, _ in batchnorm_layers(reference)} if reference is not None else {}
+
+    def update(name: str):
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            moments[name].add(args[0])
+            ref = reference_moments.get(name)
+            ref_pair = (ref.mean, ref.variance) if ref is not None else None
+            _set_statistics(module, *target(name, moments[name].mean, moments[name].variance, ref_pair))
+        return hook
+
+    handles = [module.register_forward_pre_hook(update(name)) for name, module in layers]
+    if reference is not None:
+        handles += [module.register_forward_pre_hook(lambda _m, args, acc=reference_moments[name]: acc.add(args[0]))
+                    for name, module in batchnorm_layers(reference)]
+    try:
+        count = 0
+        for images in rechunk(stream.images(), chunk):
+            count += len(images)
+            if reference is not None:
+                _forward(reference, images)
+            _forward(work, images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if count == 0:
+        raise RenormError("no readable images to re-normalize on: every file was skipped or the set is empty")
+
+
+def rechunk(batches: Any, size: int):
+    """Yield tensors of exactly `size` images (the last may be smaller) from batches of any size."""
+    pending: list[torch.Tensor] = []
+    count = 0
+    for batch in batches:
+        pending.append(batch)
+        count += len(batch)
+        while count >= size:
+            joined = torch.cat(pending) if len(pending) > 1 else pending[0]
+            yield joined[:size]
+            rest = joined[size:]
+            pending, count = ([rest] if len(rest) else []), len(rest)
+    if count:
+        yield torch.cat(pending) if len(pending) > 1 else pending[0]
 
 
 def _warn_skipped(model: nn.Module) -> None:
@@ -204,55 +239,6 @@ def _targets(mode: str, layers: list, reference: nn.Module | None) -> Target:
 def _set_statistics(module: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor) -> None:
     module.running_mean.copy_(mean.to(module.running_mean.dtype))
     module.running_var.copy_(var.clamp_min(0).to(module.running_var.dtype))
-
-
-def _single_batch_stats(model: nn.Module, images: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    moments = _moments_pass([(model, batchnorm_layers(model))], [(images, None)])[0]
-    return {name: (m.mean, m.variance) for name, m in moments.items()}
-
-
-def _sequential_update(model: nn.Module, images: torch.Tensor, layers: list, target: Target,
-                       reference_stats: dict | None) -> None:
-    """One eval-mode forward in which each BatchNorm first takes its statistics from its input."""
-
-    def hook_for(name: str):
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            moments = Moments()
-            moments.add(args[0])
-            ref = reference_stats[name] if reference_stats is not None else None
-            _set_statistics(module, *target(name, moments.mean, moments.variance, ref))
-        return hook
-
-    handles = [module.register_forward_pre_hook(hook_for(name)) for name, module in layers]
-    try:
-        _forward(model, images)
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _moments_pass(runs: list[tuple[nn.Module, list]], batches: Any) -> list[dict[str, Moments]]:
-    """One pass over the batches through each model, accumulating each BatchNorm input's moments."""
-    results: list[dict[str, Moments]] = []
-    handles = []
-    for model, layers in runs:
-        moments = {name: Moments() for name, _ in layers}
-        results.append(moments)
-        for name, module in layers:
-            handles.append(module.register_forward_pre_hook(
-                lambda _m, args, acc=moments[name]: acc.add(args[0])))
-    try:
-        count = 0
-        for images, _ in batches:
-            count += len(images)
-            for model, _ in runs:
-                _forward(model, images)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if count == 0:
-        raise RenormError("no readable images to re-normalize on: every file was skipped or the set is empty")
-    return results
 
 
 def _forward(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
