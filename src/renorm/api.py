@@ -33,7 +33,7 @@ class Config:
     scheme: str = "pow2"
     first_last_bits: int = 8
     abits: int = 32
-    renorm: str = "exact"
+    renorm: str = "auto"  # exact, shift, none; auto = shift after filter pruning, else exact
     num_images: int = 1000
     act_images: int = 400
     batch_size: int = 50
@@ -48,8 +48,8 @@ class Config:
     prune_exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.renorm not in MODES:
-            raise RenormError(f"--renorm {self.renorm!r} is not a mode; choose one of {', '.join(MODES)}")
+        if self.renorm not in (*MODES, "auto"):
+            raise RenormError(f"--renorm {self.renorm!r} is not a mode; choose one of {', '.join(MODES)} or auto")
         if self.batch_size < 1:
             raise RenormError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.num_images < 1:
@@ -59,6 +59,13 @@ class Config:
         self.weight_config()
         if self.prune:
             self.prune_config()
+
+    @property
+    def renorm_mode(self) -> str:
+        """The mode used: `auto` is shift after filter pruning (it measured better there), else exact."""
+        if self.renorm != "auto":
+            return self.renorm
+        return "shift" if self.prune and self.prune_type == "filter" else "exact"
 
     def weight_config(self) -> WeightQuantConfig:
         return WeightQuantConfig(self.wbits, self.scheme, self.first_last_bits, tuple(self.exclude))
@@ -120,9 +127,9 @@ def compress(model: nn.Module | str | LoadedModel, calib: Any, config: Config = 
             accuracy_by_stage["compressed"] = evaluator(work, "evaluate compressed")
 
     with stage(stages, "renormalize"):
-        work = renormalize(work, calib, config.renorm, reference=fp32, batch_size=config.batch_size,
+        work = renormalize(work, calib, config.renorm_mode, reference=fp32, batch_size=config.batch_size,
                            chunk=config.chunk, inplace=True, progress=progress)
-    if evaluator and config.renorm != "none":
+    if evaluator and config.renorm_mode != "none":
         with stage(stages, "evaluate_renormalized"):
             accuracy_by_stage["renormalized"] = evaluator(work, "evaluate renormalized")
 
@@ -154,7 +161,7 @@ def _report(loaded: LoadedModel, preset: Preset | None, fp32: nn.Module, work: n
         "stages": stages,
         "weights": weight_quantization_stats(work),
         "activations": activation_quantization_stats(work),
-        "batchnorm": {"mode": config.renorm, "layers_updated": 0 if config.renorm == "none"
+        "batchnorm": {"mode": config.renorm_mode, "layers_updated": 0 if config.renorm_mode == "none"
                       else len(batchnorm_layers(work))},
     }
 

@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-images", type=int, default=400, help="images to calibrate activations (default 400)")
     q.add_argument("--exclude", nargs="+", default=[], help="layer names to leave in float")
     r = compress.add_argument_group("re-normalization")
-    r.add_argument("--renorm", default=None, help="exact (default), shift, or none")
+    r.add_argument("--renorm", default="auto", help="exact, shift, none, or auto (default: shift after filter "
+                   "pruning, exact otherwise)")
     r.add_argument("--chunk", type=int, default=64, help="images per progressive re-estimation step "
                    "(default 64; memory is one chunk; the result does not depend on --batch-size)")
     p = compress.add_argument_group("pruning")
@@ -123,9 +124,8 @@ def run_compress(args: argparse.Namespace) -> int:
     from renorm.data import open_images
     from renorm.export import save_compressed
 
-    renorm_mode = args.renorm or _default_renorm(args)
     config = Config(wbits=args.wbits, scheme=args.scheme, first_last_bits=args.first_last_bits, abits=args.abits,
-                    renorm=renorm_mode, num_images=args.num_images, act_images=args.act_images,
+                    renorm=args.renorm, num_images=args.num_images, act_images=args.act_images,
                     batch_size=args.batch_size, chunk=args.chunk, seed=args.seed,
                     exclude=tuple(args.exclude), prune=args.prune, prune_type=args.prune_type,
                     prune_scope=args.prune_scope, prune_importance=args.prune_importance,
@@ -146,12 +146,6 @@ def run_compress(args: argparse.Namespace) -> int:
         report["output"] = {"path": args.out, "bytes": size}
     _finish(report, args.report)
     return 0
-
-
-def _default_renorm(args: argparse.Namespace) -> str:
-    if args.prune and args.prune_type == "filter":
-        return "exact"
-    return "exact"
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -242,12 +236,19 @@ def _summary(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"renorm: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
         with warnings.catch_warnings():
-            warnings.simplefilter("default")
+            # torch's deprecation notices (e.g. for TorchScript) are not the user's problem
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.showwarning = _show_warning
             handler = {"compress": run_compress, "evaluate": run_evaluate, "sensitivity": run_sensitivity,
                        "demo": run_demo}
             return handler[args.command](args)

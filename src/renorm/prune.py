@@ -129,7 +129,11 @@ def filter_prune(model: nn.Module, config: PruneConfig, example: torch.Tensor,
     unknown = [name for name in config.exclude if name not in names]
     if unknown:
         raise RenormError(f"--prune-exclude names no conv/linear layer {unknown[0]!r}")
-    excluded = {name for name in config.exclude} | ({layers[-1][0]} if layers else set())
+    # The classifier's outputs are the classes; the stem's channels feed the whole first stage
+    # (in a ResNet, its residual stream): spared unless prune_first_last.
+    excluded = set(config.exclude) | ({layers[-1][0]} if layers else set())
+    if layers and not config.prune_first_last:
+        excluded.add(layers[0][0])
     ignored = [m for name, m in layers if name in excluded]
     importance = {"l1": lambda: tp.importance.MagnitudeImportance(p=1),
                   "l2": lambda: tp.importance.MagnitudeImportance(p=2),
