@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks.common import RESULTS, command_line, copy_of, fashion_mnist, markdown_table, top1, write_result
+from benchmarks.common import RESULTS, command_line, copy_of, fashion_mnist, markdown_table, merged, top1, write_result
 from renorm.models import load_model
 from renorm.quantize.activations import ActivationQuantConfig, calibrate_activations
 from renorm.quantize.weights import WeightQuantConfig, quantize_weights
@@ -38,15 +38,16 @@ def evaluate_config(fp32, calib, test_x, test_y, bits: int, scheme: str, abits: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="2000 test images, resnet18 only, fewer configs")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
+                        help="run these only; the table keeps the others' last results")
     args = parser.parse_args()
-    models = MODELS[:1] if args.quick else MODELS
+    models = MODELS[:1] if args.quick else args.models
     calib, test_x, test_y, names = fashion_mnist(1000, 2000 if args.quick else None)
-    rows, data = [], {}
+    data = {}
     for name in models:
         fp32 = load_model(name).model
         base = top1(fp32, test_x, test_y)
         data[name] = {"fp32": base, "configs": []}
-        rows.append([name, "FP32", "", f"{base:.2f}", "", ""])
         configs = [(b, s, None) for b in BITS for s in SCHEMES if not (s == "pow2" and b > 6)]
         if args.quick:
             configs = [(4, "pow2", None), (2, "uniform", None)]
@@ -55,16 +56,21 @@ def main() -> None:
             result = evaluate_config(fp32, calib, test_x, test_y, bits, scheme, abits)
             label = f"W{bits}A{abits}" if abits else f"W{bits}"
             data[name]["configs"].append({"weights": label, "scheme": scheme, **result})
-            rows.append([name, label, scheme, f"{result['none']:.2f}", f"{result['exact']:.2f}", f"{result['shift']:.2f}"])
-            print(rows[-1], flush=True)
+            print(name, label, scheme, result, flush=True)
+    suffix = "_quick" if args.quick else ""
+    data = merged("accuracy" + suffix, data)
+    rows = []
+    for name, entry in data.items():
+        rows.append([name, "FP32", "", f"{entry['fp32']:.2f}", "", ""])
+        rows += [[name, c["weights"], c["scheme"], f"{c['none']:.2f}", f"{c['exact']:.2f}", f"{c['shift']:.2f}"]
+                 for c in entry["configs"]]
     body = (f"Top-1 % on {names['test']} ({len(test_y)} images); re-normalization on {len(calib)} unlabeled images "
             f"from {names['calib']}. First conv and last linear layer: 8-bit uniform. `none`: quantized, BN "
             "statistics as trained; `exact`: re-estimated; `shift`: trained statistics moved by the measured shift. "
             "A8: 8-bit activations calibrated on 400 of the images after re-normalization. pow2 is defined for "
             "2-6 bits.\n\n" + markdown_table(["model", "weights", "scheme", "no renorm", "exact", "shift"], rows))
-    write_result("accuracy" + ("_quick" if args.quick else ""), "Accuracy vs weight bits (Fashion-MNIST)",
-                 command_line(), body, data)
-    plot(data, RESULTS / ("accuracy_vs_bits" + ("_quick" if args.quick else "") + ".png"))
+    write_result("accuracy" + suffix, "Accuracy vs weight bits (Fashion-MNIST)", command_line(), body, data)
+    plot(data, RESULTS / f"accuracy_vs_bits{suffix}.png")
 
 
 def plot(data: dict, path) -> None:

@@ -12,15 +12,17 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from benchmarks.common import RESULTS, command_line, copy_of, fashion_mnist, markdown_table, top1, write_result
+from benchmarks.common import RESULTS, command_line, copy_of, fashion_mnist, markdown_table, merged, top1, write_result
 from renorm.data import PRESETS, Batches, open_images, sample
 from renorm.models import load_model
 from renorm.prune import PruneConfig, magnitude_prune
 from renorm.quantize.weights import WeightQuantConfig, quantize_weights
 from renorm.renormalize import renormalize
 
+MODELS = ("fmnist-resnet18", "fmnist-mobilenet_v2")
 SIZES = (16, 64, 256, 1000, 4000)
 SEEDS = (0, 1, 2)
+MANY = 1000  # from this size on, one draw (the spread between draws is already small at 256)
 
 
 def compressions(fp32):
@@ -34,13 +36,15 @@ def compressions(fp32):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="resnet18, sizes 16/256, one draw, 2000 test images")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
+                        help="run these only; the table keeps the others' last results")
     args = parser.parse_args()
     sizes, seeds = ((16, 256), (0,)) if args.quick else (SIZES, SEEDS)
     _, test_x, test_y, names = fashion_mnist(16, 2000 if args.quick else None)
     train = open_images("fashion-mnist:train", PRESETS["fashion-mnist"], labeled=False)
     draws = {seed: Batches(sample(train, max(sizes), seed), 500).first(max(sizes)) for seed in seeds}
-    data, rows = {}, []
-    for name in (("fmnist-resnet18",) if args.quick else ("fmnist-resnet18", "fmnist-mobilenet_v2")):
+    data = {}
+    for name in (MODELS[:1] if args.quick else args.models):
         fp32 = load_model(name).model
         base = top1(fp32, test_x, test_y)
         data[name] = {"fp32": base, "curves": {}}
@@ -50,18 +54,24 @@ def main() -> None:
                 curve = []
                 for size in sizes:
                     scores = [top1(renormalize(model, draws[seed][:size], mode, reference=fp32, batch_size=50),
-                                   test_x, test_y) for seed in seeds]
+                                   test_x, test_y) for seed in (seeds if size < MANY else seeds[:1])]
                     curve.append({"images": size, "mean": statistics.mean(scores), "min": min(scores),
                                   "max": max(scores), "scores": scores})
                 data[name]["curves"][f"{label}, {mode}"] = {"before": before, "points": curve}
-                rows.append([name, label, mode, f"{before:.2f}",
-                             *[f"{p['mean']:.2f} ({p['min']:.1f}-{p['max']:.1f})" for p in curve]])
-                print(rows[-1], flush=True)
+                print(name, label, mode, [round(p["mean"], 2) for p in curve], flush=True)
+    suffix = "_quick" if args.quick else ""
+    data = merged("calib_size" + suffix, data)
+    rows = []
+    for name, entry in data.items():
+        for key, curve in entry["curves"].items():
+            label, mode = key.rsplit(", ", 1)
+            rows.append([name, label, mode, f"{curve['before']:.2f}",
+                         *[f"{p['mean']:.2f} ({p['min']:.1f}-{p['max']:.1f})" if len(p["scores"]) > 1
+                           else f"{p['mean']:.2f}" for p in curve["points"]]])
     body = (f"Top-1 % on {names['test']} ({len(test_y)} images) after re-normalizing on N unlabeled training images: "
-            f"mean (min-max) over {len(seeds)} random draws. The `no renorm` column is the compressed model with its "
+            f"mean (min-max) over {len(seeds)} random draws below {MANY} images, one draw from {MANY} on. The `no renorm` column is the compressed model with its "
             "trained statistics.\n\n"
             + markdown_table(["model", "compression", "mode", "no renorm", *[f"N={s}" for s in sizes]], rows))
-    suffix = "_quick" if args.quick else ""
     write_result("calib_size" + suffix, "Accuracy vs number of calibration images", command_line(), body, data)
     plot(data, RESULTS / f"calib_size{suffix}.png")
 

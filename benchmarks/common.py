@@ -99,3 +99,14 @@ def _atomic_write(path: Path, text: str) -> None:
 def command_line() -> str:
     module = Path(sys.argv[0]).stem
     return " ".join([f"python -m benchmarks.{module}", *sys.argv[1:]])
+
+
+def merged(name: str, data: dict[str, Any]) -> dict[str, Any]:
+    """`data` (per model) merged over the models already in docs/results/NAME.json.
+
+    Lets a script run one model at a time (`--models`) and still write one table for all.
+    """
+    path = RESULTS / f"{name}.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    previous.update(data)
+    return previous

@@ -14,7 +14,7 @@ import argparse
 
 import torch
 
-from benchmarks.common import command_line, copy_of, fashion_mnist, markdown_table, top1, write_result
+from benchmarks.common import command_line, copy_of, fashion_mnist, markdown_table, merged, top1, write_result
 from renorm.models import load_model
 from renorm.prune import PruneConfig, latency_ms, prune
 from renorm.renormalize import renormalize
@@ -27,15 +27,16 @@ MODES = ("none", "exact", "shift")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="2000 test images, resnet18, two settings")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
+                        help="run these only; the table keeps the others' last results")
     args = parser.parse_args()
     calib, test_x, test_y, names = fashion_mnist(1000, 2000 if args.quick else None)
     settings = (("unstructured", 0.7), ("filter", 0.3)) if args.quick else SETTINGS
-    accuracy_rows, cost_rows, data = [], [], {}
-    for name in (MODELS[:1] if args.quick else MODELS):
+    data = {}
+    for name in (MODELS[:1] if args.quick else args.models):
         fp32 = load_model(name).model
         base = top1(fp32, test_x, test_y)
         data[name] = {"fp32": base, "settings": []}
-        accuracy_rows.append([name, "FP32", f"{base:.2f}", "", "", ""])
         example = test_x[:64]
         base_latency = latency_ms(fp32, example, repeats=20)
         for kind, fraction in settings:
@@ -44,21 +45,27 @@ def main() -> None:
                       for mode in MODES}
             entry = {"type": kind, "fraction": fraction, **result,
                      **{k: v for k, v in report.items() if k != "layers"}}
-            label = f"{kind} {fraction:.0%}"
-            accuracy_rows.append([name, label, f"{result['none']:.2f}", f"{result['exact']:.2f}",
-                                  f"{result['shift']:.2f}", f"{max(result['exact'], result['shift']) - base:+.2f}"])
             if kind == "filter":
                 entry["latency_ms"] = latency_ms(pruned, example, repeats=20)
                 entry["latency_ms_fp32"] = base_latency
-                cost_rows.append([name, label, f"{report['params_before'] / 1e6:.2f}M → {report['params_after'] / 1e6:.2f}M",
-                                  f"{report['macs_before'] / 1e6:.1f}M → {report['macs_after'] / 1e6:.1f}M",
-                                  f"{report['bytes_before'] / 2**20:.1f} → {report['bytes_after'] / 2**20:.1f}",
-                                  f"{base_latency:.1f} → {entry['latency_ms']:.1f}",
-                                  f"{base_latency / entry['latency_ms']:.2f}x"])
-            else:
-                entry["sparsity"] = report["sparsity"]
             data[name]["settings"].append(entry)
-            print(accuracy_rows[-1], flush=True)
+            print(name, kind, fraction, result, flush=True)
+    suffix = "_quick" if args.quick else ""
+    data = merged("pruning" + suffix, data)
+    accuracy_rows, cost_rows = [], []
+    for name, model_entry in data.items():
+        base = model_entry["fp32"]
+        accuracy_rows.append([name, "FP32", f"{base:.2f}", "", "", ""])
+        for entry in model_entry["settings"]:
+            label = f"{entry['type']} {entry['fraction']:.0%}"
+            accuracy_rows.append([name, label, f"{entry['none']:.2f}", f"{entry['exact']:.2f}", f"{entry['shift']:.2f}",
+                                  f"{max(entry['exact'], entry['shift']) - base:+.2f}"])
+            if entry["type"] == "filter":
+                cost_rows.append([name, label, f"{entry['params_before'] / 1e6:.2f}M → {entry['params_after'] / 1e6:.2f}M",
+                                  f"{entry['macs_before'] / 1e6:.1f}M → {entry['macs_after'] / 1e6:.1f}M",
+                                  f"{entry['bytes_before'] / 2**20:.1f} → {entry['bytes_after'] / 2**20:.1f}",
+                                  f"{entry['latency_ms_fp32']:.1f} → {entry['latency_ms']:.1f}",
+                                  f"{entry['latency_ms_fp32'] / entry['latency_ms']:.2f}x"])
     body = (f"Top-1 % on {names['test']} ({len(test_y)} images); re-normalization on {len(calib)} unlabeled images "
             f"from {names['calib']}. Unstructured: the fraction of each conv/linear layer's weights (first conv and "
             "last linear spared, depthwise convs spared); filter: the fraction of each layer's output channels "
@@ -67,7 +74,7 @@ def main() -> None:
             + "\n\nFilter pruning, measured (params, MACs per image, fp32 state_dict size in MiB, CPU latency of a "
               f"batch of 64 at 32x32 in ms, {torch.get_num_threads()} threads):\n\n"
             + markdown_table(["model", "pruning", "params", "MACs", "size MiB", "latency ms", "speed-up"], cost_rows))
-    write_result("pruning" + ("_quick" if args.quick else ""), "Pruning and re-normalization (Fashion-MNIST)",
+    write_result("pruning" + suffix, "Pruning and re-normalization (Fashion-MNIST)",
                  command_line(), body, data)
 
 

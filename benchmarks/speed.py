@@ -116,8 +116,8 @@ def main() -> None:
     pipe_rows = pipeline_timings(n, args.quick)
     mem_rows = memory_rows([100, 400] if args.quick else [1000, 4000])
     body = ["### Re-normalization vs one inference pass", "",
-            f"{n} synthetic 224x224 images, batch 50, {THREADS} threads. `exact`: renorm's default (a 64-image "
-            "warm-up batch, then one streaming pass); `shift` also runs the FP32 model; `update_bn`: "
+            f"{n} synthetic 224x224 images, batch 50, {THREADS} threads. `exact`: renorm's default (one progressive "
+            "pass in chunks of 64); `shift` also runs the FP32 model; `update_bn`: "
             "`torch.optim.swa_utils.update_bn` (per-batch train-mode statistics).", "",
             markdown_table(["model", "inference s", "exact s", "exact / inference", "shift s", "shift / inference",
                             "update_bn s", "update_bn / inference"],

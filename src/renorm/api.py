@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from renorm import __version__
-from renorm.data import ImageSource, Preset, open_images, sample
+from renorm.data import Batches, ImageSource, Preset, open_images, sample
 from renorm.errors import RenormError
 from renorm.evaluate import agreement, accuracy, predict
 from renorm.models import LoadedModel, load_model
@@ -46,6 +46,8 @@ class Config:
     prune_importance: str = "l1"
     prune_budget: str = "filters"
     prune_exclude: tuple[str, ...] = ()
+    prune_first_last: bool = False
+    prune_depthwise: bool = False
 
     def __post_init__(self) -> None:
         if self.renorm not in (*MODES, "auto"):
@@ -74,7 +76,8 @@ class Config:
         from renorm.prune import PruneConfig
 
         return PruneConfig(self.prune, self.prune_type, self.prune_scope, self.prune_importance,
-                           tuple(self.prune_exclude), self.seed, self.prune_budget)
+                           tuple(self.prune_exclude), self.seed, self.prune_budget, self.prune_first_last,
+                           self.prune_depthwise)
 
 
 @dataclass
@@ -119,7 +122,8 @@ def compress(model: nn.Module | str | LoadedModel, calib: Any, config: Config = 
         from renorm.prune import prune
 
         with stage(stages, "prune"):
-            work, prune_report = prune(work, config.prune_config(), example=_example(calib, config), progress=progress)
+            example = Batches(calib, config.batch_size).first(config.batch_size)
+            work, prune_report = prune(work, config.prune_config(), example=example, progress=progress)
     with stage(stages, "quantize"):
         quantize_weights(work, config.weight_config(), progress)
     if evaluator and (config.wbits != 32 or config.prune):
@@ -193,8 +197,6 @@ def _check_input_fits(model: nn.Module, calib: Any, config: Config) -> None:
 
 
 def _example(calib: Any, config: Config) -> torch.Tensor:
-    from renorm.data import Batches
-
     return Batches(calib, config.batch_size).first(1)
 
 

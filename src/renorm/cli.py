@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune-budget", default="filters", help="for filter pruning, FRACTION is of: filters "
                    "(default), params, or macs")
     p.add_argument("--prune-exclude", nargs="+", default=[], help="layer names not to prune")
+    p.add_argument("--prune-first-last", action="store_true", help="also prune the first conv and last linear layer")
+    p.add_argument("--prune-depthwise", action="store_true", help="also prune depthwise convs (unstructured)")
     compress.add_argument("--seed", type=int, default=0)
     compress.add_argument("--eval", help="evaluation images: labeled (one folder per class, or "
                           "fashion-mnist:test) for accuracy, unlabeled for agreement with FP32")
@@ -129,7 +131,8 @@ def run_compress(args: argparse.Namespace) -> int:
                     batch_size=args.batch_size, chunk=args.chunk, seed=args.seed,
                     exclude=tuple(args.exclude), prune=args.prune, prune_type=args.prune_type,
                     prune_scope=args.prune_scope, prune_importance=args.prune_importance,
-                    prune_budget=args.prune_budget, prune_exclude=tuple(args.prune_exclude))
+                    prune_budget=args.prune_budget, prune_exclude=tuple(args.prune_exclude),
+                    prune_first_last=args.prune_first_last, prune_depthwise=args.prune_depthwise)
     _check_writable(args.out, "--out")
     _check_writable(args.report, "--report")
     for item in (args.model, args.weights):
@@ -231,6 +234,17 @@ def _summary(report: dict[str, Any]) -> str:
     if stages:
         lines.append("time: " + ", ".join(f"{k} {v['seconds']:.1f}s" for k, v in stages.items())
                      + f"; peak memory {max(v['peak_rss_mb'] for v in stages.values()):.0f} MiB")
+    pruned = report.get("prune")
+    if pruned:
+        line = (f"pruned ({pruned['type']} {pruned['fraction']:.0%}): params {pruned['params_before'] / 1e6:.2f}M -> "
+                f"{pruned['params_after'] / 1e6:.2f}M, MACs {pruned['macs_before'] / 1e6:.1f}M -> "
+                f"{pruned['macs_after'] / 1e6:.1f}M")
+        if "sparsity" in pruned:
+            line += f", sparsity {pruned['sparsity']:.1%} of conv/linear weights"
+        if "latency_ms_after" in pruned:
+            line += (f", latency {pruned['latency_ms_before']:.1f} -> {pruned['latency_ms_after']:.1f} ms "
+                     f"(batch {pruned['latency_batch']}, {pruned['threads']} threads)")
+        lines.append(line)
     if "output" in report:
         lines.append(f"saved: {report['output']['path']} ({report['output']['bytes'] / 2**20:.2f} MiB)")
     return "\n".join(lines)
