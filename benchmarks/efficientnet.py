@@ -4,10 +4,10 @@
 
 No ImageNet labels exist offline, so the metric is agreement with the FP32 model:
 top-1 agreement, top-5 agreement (FP32's top-1 within the model's top 5) and mean
-KL(FP32 || model). Calibration: 1000 random crops of five scikit-image photos
-(photos:calib); evaluation: 1000 random crops of four *other* photos (photos:eval:
+KL(FP32 || model). Calibration: 500 random crops (--crops) of five scikit-image photos
+(photos:calib); evaluation: 500 random crops of four *other* photos (photos:eval:
 scikit-learn's china and flower, scikit-image's hubble_deep_field and retina). Weights
-W8/W4/W3, uniform and pow2 (first/last layer 8-bit), x {none, exact, shift}. About 20
+W8/W4/W3, uniform and pow2 (first/last layer 8-bit), x {none, exact, shift}. About 15
 minutes on 2 cores.
 """
 from __future__ import annotations
@@ -30,8 +30,9 @@ MODES = ("none", "exact", "shift")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="200 crops each, W4 only")
+    parser.add_argument("--crops", type=int, default=500, help="crops for calibration and for evaluation (each)")
     args = parser.parse_args()
-    count = 200 if args.quick else 1000
+    count = 200 if args.quick else args.crops
     loaded = load_model("efficientnet-lite0")
     fp32 = loaded.model
     calib = Batches(open_images(f"photos:calib:{count}", loaded.preset), 50, progress=True, desc="calib crops").first(count)

@@ -84,14 +84,14 @@ def deviation(model: nn.Module, reference: nn.Module) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="resnet18, 2000 test images, two compressions")
+    parser.add_argument("--quick", action="store_true", help="resnet18, 2000 test images")
     args = parser.parse_args()
     calib, test_x, test_y, names = fashion_mnist(1000, 2000 if args.quick else None)
     rows, data = [], []
     for name in (("fmnist-resnet18",) if args.quick else ("fmnist-resnet18", "fmnist-mobilenet_v2")):
         fp32 = load_model(name).model
         compressed = {}
-        for bits in ((2,) if args.quick else (3, 2)):
+        for bits in (2,):
             model = copy_of(fp32)
             quantize_weights(model, WeightQuantConfig(bits=bits, scheme="uniform"))
             compressed[f"W{bits} uniform"] = model
