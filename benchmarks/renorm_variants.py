@@ -17,7 +17,7 @@ the same 1000 unlabeled images, batch 50:
   + second eval pass     one more such pass (it can diverge)
 Columns: test top-1 on the full Fashion-MNIST test set, and the largest deviation from
 the one-batch fixed point over all BatchNorm channels (|mean diff| / std, and |log var
-ratio|). About 10 minutes.
+ratio|). The resnet18 reference, W2 uniform and 70% unstructured. About 5 minutes.
 """
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def main() -> None:
     args = parser.parse_args()
     calib, test_x, test_y, names = fashion_mnist(1000, 2000 if args.quick else None)
     rows, data = [], []
-    for name in (("fmnist-resnet18",) if args.quick else ("fmnist-resnet18", "fmnist-mobilenet_v2")):
+    for name in ("fmnist-resnet18",):
         fp32 = load_model(name).model
         compressed = {}
         for bits in (2,):

@@ -2,6 +2,7 @@
 
     python -m benchmarks.speed [--quick]
 
+Re-normalization vs inference: 500 images (--timing-images); the whole pipeline: 1000.
 Timing rows use random weights (resnet18/50) or the real EfficientNet-Lite0 weights,
 and synthetic images (N(0,1), 224x224): speed does not depend on either. Each timing is
 the best of two runs, inference and re-normalization interleaved, 2 threads, batch 50.
@@ -110,10 +111,12 @@ _CHILD = (f"import json, resource, sys, torch; torch.set_num_threads({THREADS});
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="100 images, resnet18 and Lite0 only")
+    parser.add_argument("--timing-images", type=int, default=500,
+                        help="images for the re-normalization vs inference rows (default 500; the ratio is what counts)")
     args = parser.parse_args()
-    n = 100 if args.quick else 1000
+    n = 100 if args.quick else args.timing_images
     renorm_rows = renorm_timings(n, args.quick)
-    pipe_rows = pipeline_timings(n, args.quick)
+    pipe_rows = pipeline_timings(100 if args.quick else 1000, args.quick)
     mem_rows = memory_rows([100, 400] if args.quick else [1000, 4000])
     body = ["### Re-normalization vs one inference pass", "",
             f"{n} synthetic 224x224 images, batch 50, {THREADS} threads. `exact`: renorm's default (one progressive "
