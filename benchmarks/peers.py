@@ -18,9 +18,9 @@ Peers are not dependencies of renorm; they live in their own environment:
    bias correction) and AIMET W4A8 (`QuantizationSimModel`, per-channel 4-bit weights,
    8-bit activations, encodings from 400 images, then `reestimate_bn_stats`) next to
    renorm W8A8 and W4A8.
-3. Time of each re-estimation vs one inference pass, 300 synthetic 224x224 images,
+3. Time of each re-estimation vs one inference pass, 200 synthetic 224x224 images,
    torchvision resnet18 with random weights (speed does not depend on the weights).
-About 30 minutes on 2 cores.
+About 25 minutes (1 thread).
 """
 from __future__ import annotations
 
@@ -219,7 +219,7 @@ def main() -> None:
     calib, test_x, test_y, names = fashion_mnist(1000, 2000 if args.quick else None)
     reestimation, data1 = reestimation_table(models, calib, test_x, test_y, args.quick)
     pipelines, data2 = pipeline_table(models, calib, test_x, test_y)
-    timing_images = 100 if args.quick else 300
+    timing_images = 100 if args.quick else 200
     speed, data3 = speed_table(timing_images)
     import aimet_torch
     import nncf

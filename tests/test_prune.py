@@ -141,3 +141,27 @@ def test_sensitivity_scan_and_plot(images, tmp_path):
     assert "| conv1 |" in sensitivity_table(rows)
     plot_sensitivity(rows, tmp_path / "s.png")
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_shift_matches_channels_of_a_model_pruned_elsewhere():
+    """Without renorm's record of kept channels (a model pruned by Torch-Pruning directly),
+    shift finds them from the stored BatchNorm numbers and gives the same statistics."""
+    pytest.importorskip("torch_pruning")
+    from renorm.prune import KEPT_ATTRIBUTE, PruneConfig, prune
+    from renorm.renormalize import batchnorm_layers, renormalize
+
+    torch.manual_seed(0)
+    fp32 = torchvision.models.resnet18(num_classes=10).eval()
+    for _, bn in batchnorm_layers(fp32):  # distinct stored numbers per channel, as in a trained model
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    images = torch.randn(8, 3, 32, 32)
+    pruned, _ = prune(copy.deepcopy(fp32), PruneConfig(0.3, "filter"), example=images)
+    recorded = renormalize(pruned, images, "shift", reference=fp32)
+    for _, bn in batchnorm_layers(pruned):
+        if hasattr(bn, KEPT_ATTRIBUTE):
+            delattr(bn, KEPT_ATTRIBUTE)
+    matched = renormalize(pruned, images, "shift", reference=fp32)
+    for (name, a), (_, b) in zip(batchnorm_layers(recorded), batchnorm_layers(matched)):
+        assert torch.equal(a.running_mean, b.running_mean), name
+        assert torch.equal(a.running_var, b.running_var), name

@@ -198,6 +198,16 @@ def _warn_skipped(model: nn.Module) -> None:
                       f"by itself) and were left alone: {', '.join(skipped[:3])}", stacklevel=3)
 
 
+def _matched_channels(name: str, reference: nn.Module, pruned: nn.Module) -> list[int]:
+    from renorm.prune import _bn_fingerprint, _match_channels
+
+    try:
+        return _match_channels(_bn_fingerprint(reference), _bn_fingerprint(pruned))
+    except RenormError:
+        raise RenormError(f"shift re-normalization: BatchNorm {name!r} has {pruned.num_features} channels, the "
+                          f"reference {reference.num_features}, and they cannot be matched (use --renorm exact)") from None
+
+
 Target = Callable[[str, torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -211,12 +221,15 @@ def _targets(mode: str, layers: list, reference: nn.Module | None) -> Target:
     kept: dict[str, torch.Tensor] = {}
     for name, module in layers:
         other = reference_layers.get(name)
-        if other is not None and other.running_mean.shape != module.running_mean.shape \
-                and getattr(module, "_renorm_kept_channels", None) is not None:
-            kept[name] = torch.tensor(module._renorm_kept_channels)  # set by filter pruning
-        elif other is None or other.running_mean.shape != module.running_mean.shape:
-            raise RenormError(f"shift re-normalization needs the same BatchNorm layers in both models; "
-                              f"{name!r} differs (use --renorm exact)")
+        if other is None or other.running_mean.shape == module.running_mean.shape:
+            if other is None:
+                raise RenormError(f"shift re-normalization needs the same BatchNorm layers in both models; "
+                                  f"{name!r} is missing from the reference (use --renorm exact)")
+            continue
+        if getattr(module, "_renorm_kept_channels", None) is not None:
+            kept[name] = torch.tensor(module._renorm_kept_channels)  # set by renorm's filter pruning
+        else:  # pruned elsewhere (e.g. Torch-Pruning directly): find each channel's stored numbers
+            kept[name] = torch.tensor(_matched_channels(name, other, module))
     original = {name: (m.running_mean.double().clone(), m.running_var.double().clone()) for name, m in layers}
 
     def shift(name: str, mean: torch.Tensor, var: torch.Tensor, ref: Any) -> tuple[torch.Tensor, torch.Tensor]:
