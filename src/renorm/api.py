@@ -118,7 +118,7 @@ def compress(model: nn.Module | str | LoadedModel, calib: Any, config: Config = 
         from renorm.prune import prune
 
         with stage(stages, "prune"):
-            example = Batches(calib, config.batch_size).first(config.batch_size)
+            example = _example(calib, config, count=config.batch_size)  # traces, and times the pruned model
             work, prune_report = prune(work, config.prune_config(), example=example, progress=progress)
     with stage(stages, "quantize"):
         quantize_weights(work, config.weight_config(), progress)
@@ -192,8 +192,9 @@ def _check_input_fits(model: nn.Module, calib: Any, config: Config) -> None:
     _checked_forward(model, _example(calib, config))
 
 
-def _example(calib: Any, config: Config) -> torch.Tensor:
-    return Batches(calib, config.batch_size).first(1)
+def _example(calib: Any, config: Config, count: int = 1) -> torch.Tensor:
+    """The first `count` calibration images, as one batch."""
+    return Batches(calib, config.batch_size).first(count)
 
 
 def _source_info(data: Any, requested: int) -> dict[str, Any]:
