@@ -58,13 +58,23 @@ def timed(fn, *args, **kwargs):
     return out, time.perf_counter() - start
 
 
-def provenance() -> str:
+def _commit_at_start() -> str:
+    """The commit the benchmark runs (read once, at import: a run may outlive the next commit)."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src", "benchmarks"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
     except OSError:
-        commit = "?"
+        return "?"
+    return (head or "?") + (" with uncommitted changes" if dirty else "")
+
+
+COMMIT = _commit_at_start()
+
+
+def provenance() -> str:
     cpu = platform.processor() or platform.machine()
-    return (f"renorm commit {commit}, torch {torch.__version__}, {THREADS} threads on {os.cpu_count()} cores ({cpu}), "
+    return (f"renorm commit {COMMIT}, torch {torch.__version__}, {THREADS} threads on {os.cpu_count()} cores ({cpu}), "
             f"{time.strftime('%Y-%m-%d %H:%M')}")
 
 

@@ -92,7 +92,12 @@ def torch_pruning_filters(model, fraction: float, example: torch.Tensor):
     return model.eval()
 
 
-def compressions(fp32, example, short: bool):
+SHORT_ROWS = ("W2 uniform (renorm)", "70% unstructured (renorm)", "30% filters (Torch-Pruning)")
+FEW_ROWS = ("W4 pow2 (renorm)", "70% unstructured (renorm)", "30% filters (Torch-Pruning)")
+
+
+def compressions(fp32, example, rows=None):
+    """(label, compressed model) for each row, or for those named in `rows`."""
     def quantized(bits, scheme):
         model = copy_of(fp32)
         quantize_weights(model, WeightQuantConfig(bits=bits, scheme=scheme))
@@ -103,22 +108,26 @@ def compressions(fp32, example, short: bool):
         magnitude_prune(model, PruneConfig(fraction))
         return model
 
-    yield "W4 pow2 (renorm)", quantized(4, "pow2")
-    if not short:
-        yield "W3 uniform (renorm)", quantized(3, "uniform")
-        yield "W2 uniform (renorm)", quantized(2, "uniform")
-    yield "70% unstructured (renorm)", sparse(0.7)
-    yield "30% filters (Torch-Pruning)", torch_pruning_filters(fp32, 0.3, example)
-    if not short:
-        yield "50% filters (Torch-Pruning)", torch_pruning_filters(fp32, 0.5, example)
+    makers = {
+        "W4 pow2 (renorm)": lambda: quantized(4, "pow2"),
+        "W3 uniform (renorm)": lambda: quantized(3, "uniform"),
+        "W2 uniform (renorm)": lambda: quantized(2, "uniform"),
+        "70% unstructured (renorm)": lambda: sparse(0.7),
+        "30% filters (Torch-Pruning)": lambda: torch_pruning_filters(fp32, 0.3, example),
+        "50% filters (Torch-Pruning)": lambda: torch_pruning_filters(fp32, 0.5, example),
+    }
+    for label, make in makers.items():
+        if rows is None or label in rows:
+            yield label, make()
 
 
-def reestimation_table(models, calib, test_x, test_y, quick):
+def reestimation_table(models, calib, test_x, test_y, rows_of):
+    """rows_of(index of the model) -> the compression rows to run for it (None: all)."""
     rows, data = [], []
     for index, name in enumerate(models):
         fp32 = load_model(name).model
         base = top1(fp32, test_x, test_y)
-        for label, compressed in compressions(fp32, test_x, short=quick or index > 0):
+        for label, compressed in compressions(fp32, test_x, rows_of(index)):
             result = {}
             for method, run in REESTIMATORS.items():
                 model, seconds = timed(run, compressed, calib, fp32)
@@ -167,7 +176,7 @@ def renorm_pipeline(fp32, calib, bits, scheme, mode):
     return model
 
 
-def pipeline_table(models, calib, test_x, test_y):
+def pipeline_table(models, calib, test_x, test_y, skip=frozenset()):
     rows, data = [], []
     for name in models:
         fp32 = load_model(name).model
@@ -183,7 +192,7 @@ def pipeline_table(models, calib, test_x, test_y):
         base = top1(fp32, test_x, test_y)
         rows.append([name, "FP32", f"{base:.2f}", ""])
         for label, make in runs.items():
-            if label in PIPELINE_SKIP:
+            if label in skip:
                 continue
             model, seconds = timed(make)
             accuracy = top1(model, test_x, test_y)
@@ -218,32 +227,20 @@ def short_run() -> None:
     import aimet_torch
     import nncf
 
-    global compressions
-    full = compressions
-
-    def few(fp32, example, short):
-        wanted = {"W2 uniform (renorm)", "70% unstructured (renorm)", "30% filters (Torch-Pruning)"}
-        return ((label, model) for label, model in full(fp32, example, False) if label in wanted)
-
-    compressions = few
     calib, test_x, test_y, names = fashion_mnist(1000)
     header = (f"Peers: NNCF {nncf.__version__}, AIMET (aimet-torch) {getattr(aimet_torch, '__version__', '?')}, "
               f"torch {torch.__version__}, {torch.get_num_threads()} thread(s). Top-1 % on {names['test']} "
               f"({len(test_y)} images); {len(calib)} unlabeled images from {names['calib']}, batches of 50, for every "
               "method. A shortened run (`--short`): fmnist-resnet18 only.")
-    reestimation, data1 = reestimation_table(("fmnist-resnet18",), calib, test_x, test_y, False)
+    reestimation, data1 = reestimation_table(("fmnist-resnet18",), calib, test_x, test_y, lambda index: SHORT_ROWS)
     body = [header, "", "### Re-estimating BatchNorm on the same compressed weights", "", reestimation]
     write_result("peers", "renorm vs NNCF, AIMET, torch and Torch-Pruning", command_line(), "\n".join(body),
                  {"reestimation": data1})
-    global PIPELINE_SKIP
-    PIPELINE_SKIP = {"NNCF INT8 (nncf.quantize, W8A8)", "renorm W8A8 (uniform, exact)", "renorm W4A8 (pow2, shift)"}
-    pipelines, data2 = pipeline_table(("fmnist-resnet18",), calib, test_x, test_y)
+    skip = {"NNCF INT8 (nncf.quantize, W8A8)", "renorm W8A8 (uniform, exact)", "renorm W4A8 (pow2, shift)"}
+    pipelines, data2 = pipeline_table(("fmnist-resnet18",), calib, test_x, test_y, skip)
     body += ["", "### Whole post-training pipelines", "", pipelines]
     write_result("peers", "renorm vs NNCF, AIMET, torch and Torch-Pruning", command_line(), "\n".join(body),
                  {"reestimation": data1, "pipelines": data2})
-
-
-PIPELINE_SKIP: set[str] = set()
 
 
 def main() -> None:
@@ -256,7 +253,8 @@ def main() -> None:
         return short_run()
     models = ("fmnist-resnet18",) if args.quick else ("fmnist-resnet18", "fmnist-mobilenet_v2")
     calib, test_x, test_y, names = fashion_mnist(1000, 2000 if args.quick else None)
-    reestimation, data1 = reestimation_table(models, calib, test_x, test_y, args.quick)
+    reestimation, data1 = reestimation_table(models, calib, test_x, test_y,
+                                             lambda index: FEW_ROWS if args.quick or index > 0 else None)
     pipelines, data2 = pipeline_table(models, calib, test_x, test_y)
     timing_images = 100 if args.quick else 200
     speed, data3 = speed_table(timing_images)
@@ -270,7 +268,8 @@ def main() -> None:
         "### Re-estimating BatchNorm on the same compressed weights", "", reestimation, "",
         "### Whole post-training pipelines", "", pipelines, "",
         "### Time of re-estimation vs one inference pass (torchvision resnet18, random weights, "
-        f"{timing_images} synthetic 224x224 images, batch 50, {torch.get_num_threads()} threads)", "",
+        f"{timing_images} synthetic 224x224 images, batches of 50; renorm re-chunks them to its 64, "
+        f"{torch.get_num_threads()} threads)", "",
         speed])
     write_result("peers" + ("_quick" if args.quick else ""), "renorm vs NNCF, AIMET, torch and Torch-Pruning",
                  command_line(), body, {"reestimation": data1, "pipelines": data2, "speed": data3})

@@ -16,7 +16,7 @@ import torch
 
 from benchmarks.common import command_line, copy_of, fashion_mnist, markdown_table, merged, top1, write_result
 from renorm.models import load_model
-from renorm.prune import PruneConfig, latency_ms, prune
+from renorm.prune import PruneConfig, prune
 from renorm.renormalize import renormalize
 
 MODELS = ("fmnist-resnet18", "fmnist-mobilenet_v2")
@@ -38,16 +38,12 @@ def main() -> None:
         base = top1(fp32, test_x, test_y)
         data[name] = {"fp32": base, "settings": []}
         example = test_x[:64]
-        base_latency = latency_ms(fp32, example, repeats=20)
         for kind, fraction in settings:
-            pruned, report = prune(copy_of(fp32), PruneConfig(fraction, kind), example=example)
+            pruned, report = prune(copy_of(fp32), PruneConfig(fraction, kind), example=example, latency_repeats=20)
             result = {mode: top1(renormalize(pruned, calib, mode, reference=fp32, batch_size=50), test_x, test_y)
                       for mode in MODES}
             entry = {"type": kind, "fraction": fraction, **result,
                      **{k: v for k, v in report.items() if k != "layers"}}
-            if kind == "filter":
-                entry["latency_ms"] = latency_ms(pruned, example, repeats=20)
-                entry["latency_ms_fp32"] = base_latency
             data[name]["settings"].append(entry)
             print(name, kind, fraction, result, flush=True)
     suffix = "_quick" if args.quick else ""
@@ -64,8 +60,8 @@ def main() -> None:
                 cost_rows.append([name, label, f"{entry['params_before'] / 1e6:.2f}M → {entry['params_after'] / 1e6:.2f}M",
                                   f"{entry['macs_before'] / 1e6:.1f}M → {entry['macs_after'] / 1e6:.1f}M",
                                   f"{entry['bytes_before'] / 2**20:.1f} → {entry['bytes_after'] / 2**20:.1f}",
-                                  f"{entry['latency_ms_fp32']:.1f} → {entry['latency_ms']:.1f}",
-                                  f"{entry['latency_ms_fp32'] / entry['latency_ms']:.2f}x"])
+                                  f"{entry['latency_ms_before']:.1f} → {entry['latency_ms_after']:.1f}",
+                                  f"{entry['latency_ms_before'] / entry['latency_ms_after']:.2f}x"])
     body = (f"Top-1 % on {names['test']} ({len(test_y)} images); re-normalization on {len(calib)} unlabeled images "
             f"from {names['calib']}. Unstructured: the fraction of each conv/linear layer's weights (first conv and "
             "last linear spared, depthwise convs spared); filter: the fraction of each layer's output channels "

@@ -8,11 +8,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from renorm.api import Config, compress
 from renorm.data import open_images
-from renorm.demo import demo
 from renorm.models import load_model
 
 pytestmark = pytest.mark.filterwarnings("ignore")

@@ -13,7 +13,7 @@ from renorm.errors import RenormError
 from renorm.prune import (PruneConfig, apply_pruned_channels, filter_prune, latency_ms, magnitude_prune, prune,
                           sparsity_by_layer)
 from renorm.quantize.weights import WeightQuantConfig, quantize_weights
-from renorm.renormalize import renormalize
+from renorm.renormalize import matched_channels, renormalize
 from renorm.sensitivity import plot_sensitivity, sensitivity, sensitivity_table
 
 
@@ -96,15 +96,19 @@ def test_removing_all_zero_channels_leaves_outputs_unchanged():
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_filter_pruning_keeps_track_of_original_channels_for_shift_renormalization():
+def test_filter_pruned_channels_are_found_by_their_stored_numbers():
     torch.manual_seed(0)
     model = perturbed(torchvision.models.resnet18(num_classes=10))
     fp32 = copy.deepcopy(model)
     x = torch.randn(16, 3, 32, 32)
     pruned = filter_prune(model, PruneConfig(0.3, "filter"), x)
-    kept = pruned.layer1[0].bn1._renorm_kept_channels
-    assert len(kept) == pruned.layer1[0].bn1.num_features and len(set(kept)) == len(kept)
+    kept = matched_channels(fp32.layer1[0].bn1, pruned.layer1[0].bn1)
+    assert len(kept) == pruned.layer1[0].bn1.num_features < fp32.layer1[0].bn1.num_features
+    assert len(set(kept)) == len(kept)
     torch.testing.assert_close(pruned.layer1[0].bn1.running_mean, fp32.layer1[0].bn1.running_mean[kept])
+    torch.testing.assert_close(pruned.layer1[0].bn1.weight, fp32.layer1[0].bn1.weight[kept])
+    with pytest.raises(RenormError, match="not a pruned copy"):
+        matched_channels(fp32.layer2[0].bn1, pruned.layer1[0].bn1)
     out = renormalize(pruned, x, "shift", reference=fp32, batch_size=8)
     assert all(torch.isfinite(m.running_var).all() for m in out.modules() if isinstance(m, nn.BatchNorm2d))
 
@@ -144,10 +148,10 @@ def test_sensitivity_scan_and_plot(images, tmp_path):
 
 
 def test_shift_matches_channels_of_a_model_pruned_elsewhere():
-    """Without renorm's record of kept channels (a model pruned by Torch-Pruning directly),
-    shift finds them from the stored BatchNorm numbers and gives the same statistics."""
-    pytest.importorskip("torch_pruning")
-    from renorm.prune import KEPT_ATTRIBUTE, PruneConfig, prune
+    """A model pruned by Torch-Pruning directly: shift finds each kept channel by its stored
+    numbers. Removing output channels of layer1[0].conv1 leaves the kept channels' inputs to
+    layer1[0].bn1 as they were, so shift must give them back their FP32 statistics."""
+    tp = pytest.importorskip("torch_pruning")
     from renorm.renormalize import batchnorm_layers, renormalize
 
     torch.manual_seed(0)
@@ -156,12 +160,16 @@ def test_shift_matches_channels_of_a_model_pruned_elsewhere():
         bn.running_mean.uniform_(-1, 1)
         bn.running_var.uniform_(0.5, 2)
     images = torch.randn(8, 3, 32, 32)
-    pruned, _ = prune(copy.deepcopy(fp32), PruneConfig(0.3, "filter"), example=images)
-    recorded = renormalize(pruned, images, "shift", reference=fp32)
-    for _, bn in batchnorm_layers(pruned):
-        if hasattr(bn, KEPT_ATTRIBUTE):
-            delattr(bn, KEPT_ATTRIBUTE)
-    matched = renormalize(pruned, images, "shift", reference=fp32)
-    for (name, a), (_, b) in zip(batchnorm_layers(recorded), batchnorm_layers(matched)):
-        assert torch.equal(a.running_mean, b.running_mean), name
-        assert torch.equal(a.running_var, b.running_var), name
+    pruned = copy.deepcopy(fp32)
+    removed = [3, 10, 11, 40, 63]
+    graph = tp.DependencyGraph().build_dependency(pruned, images[:1])
+    graph.get_pruning_group(pruned.layer1[0].conv1, tp.prune_conv_out_channels, idxs=removed).prune()
+    kept = [i for i in range(64) if i not in removed]
+    assert matched_channels(fp32.layer1[0].bn1, pruned.layer1[0].bn1) == kept
+    out = renormalize(pruned, images, "shift", reference=fp32)
+    for name in ("bn1", "layer1.0.bn1"):
+        got, want = out.get_submodule(name), fp32.get_submodule(name)
+        index = kept if name == "layer1.0.bn1" else slice(None)
+        torch.testing.assert_close(got.running_mean, want.running_mean[index], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.running_var, want.running_var[index], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out.layer1[0].bn2.running_mean, fp32.layer1[0].bn2.running_mean, atol=1e-3)

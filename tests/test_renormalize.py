@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import SmallNet, perturbed
 from renorm.errors import RenormError
-from renorm.renormalize import Moments, batchnorm_layers, renormalize
+from renorm.renormalize import Moments, _batch_moments, batchnorm_layers, renormalize
 
 
 @torch.no_grad()
@@ -117,6 +117,29 @@ def test_moments_merge_matches_direct():
     torch.testing.assert_close(moments.mean, x.mean((0, 2, 3)), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(moments.variance, x.var((0, 2, 3)), rtol=1e-5, atol=1e-6)
     assert moments.count == 103 * 4 * 3
+
+
+@pytest.mark.parametrize("case", ["plain", "large mean", "constant channel", "channels_last", "2d", "float16"])
+def test_batch_moments_match_float64(case):
+    """The fast sums path and its Welford fallback both give float64-grade moments."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 6, 28, 28, generator=g, dtype=torch.float64) * 3 + 2
+    if case == "large mean":  # mean^2 / var ~ 1e5: the sums would lose ~1% of the variance; Welford must take over
+        x = x + 900
+    if case == "constant channel":
+        x[:, 2] = 5.0
+    if case == "2d":
+        x = x[:, :, 0, 0]
+    dims = [d for d in range(x.dim()) if d != 1]
+    low = x.to(torch.float16 if case == "float16" else torch.float32)
+    if case == "channels_last":
+        low = low.contiguous(memory_format=torch.channels_last)
+    got_mean, got_var = _batch_moments(low)
+    assert got_mean.dtype == got_var.dtype == torch.float64
+    rtol = 2e-3 if case == "float16" else 1e-5
+    exact = low.double()  # the numbers the model really produced, measured in float64
+    torch.testing.assert_close(got_mean, exact.mean(dims), rtol=rtol, atol=1e-6)
+    torch.testing.assert_close(got_var, exact.var(dims, correction=0), rtol=rtol, atol=1e-6)
 
 
 def test_only_batchnorm_statistics_change_and_callers_model_is_untouched(small_net, images):

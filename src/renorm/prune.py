@@ -27,7 +27,6 @@ KINDS = ("unstructured", "filter")
 SCOPES = ("layer", "global")
 IMPORTANCES = ("l1", "l2", "bn")
 BUDGETS = ("filters", "params", "macs")
-KEPT_ATTRIBUTE = "_renorm_kept_channels"  # on a pruned BatchNorm: indices of its original channels
 HISTORY_ATTRIBUTE = "_renorm_pruned_channels"  # on a filter-pruned model: how to redo the pruning
 
 
@@ -127,7 +126,7 @@ ROUND_TO = 8
 
 def filter_prune(model: nn.Module, config: PruneConfig, example: torch.Tensor,
                  progress: bool = False) -> nn.Module:
-    """Remove output channels in place (Torch-Pruning); record kept BN channels and the history."""
+    """Remove output channels in place (Torch-Pruning); record the history (to rebuild saved files)."""
     tp = _torch_pruning()
     layers = quantizable_layers(model)
     names = {name for name, _ in layers}
@@ -143,7 +142,6 @@ def filter_prune(model: nn.Module, config: PruneConfig, example: torch.Tensor,
     importance = {"l1": lambda: tp.importance.MagnitudeImportance(p=1),
                   "l2": lambda: tp.importance.MagnitudeImportance(p=2),
                   "bn": lambda: tp.importance.BNScaleImportance()}[config.importance]()
-    before = {name: _bn_fingerprint(bn) for name, bn in _batchnorms(model)}
     example = example[:1]
     params_before, macs_before = _count(model, example)
     steps = 1 if config.budget == "filters" else 40
@@ -159,8 +157,6 @@ def filter_prune(model: nn.Module, config: PruneConfig, example: torch.Tensor,
                 break
         pruner.step()
     model.eval()
-    for name, bn in _batchnorms(model):
-        setattr(bn, KEPT_ATTRIBUTE, _match_channels(before[name], _bn_fingerprint(bn)))
     setattr(model, HISTORY_ATTRIBUTE, {"history": [[n, bool(o), [int(i) for i in idx]]
                                                    for n, o, idx in pruner.pruning_history()],
                                        "input_shape": list(example.shape)})
@@ -175,44 +171,20 @@ def apply_pruned_channels(model: nn.Module, record: dict[str, Any]) -> nn.Module
     return model
 
 
-def _batchnorms(model: nn.Module):
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-def _bn_fingerprint(bn: nn.Module) -> torch.Tensor:
-    parts = [bn.running_mean, bn.running_var] if bn.running_mean is not None else []
-    if bn.affine:
-        parts += [bn.weight.detach(), bn.bias.detach()]
-    return torch.stack(parts, 1) if parts else torch.arange(bn.num_features, dtype=torch.float32)[:, None]
-
-
-def _match_channels(original: torch.Tensor, pruned: torch.Tensor) -> list[int]:
-    """Index in `original` of each row of `pruned` (rows are a channel's stored numbers)."""
-    lookup: dict[tuple, list[int]] = {}
-    for index, row in enumerate(original.tolist()):
-        lookup.setdefault(tuple(row), []).append(index)
-    kept = []
-    for row in pruned.tolist():
-        candidates = lookup.get(tuple(row))
-        if not candidates:
-            raise RenormError("could not match pruned BatchNorm channels to the original ones")
-        kept.append(candidates.pop(0))
-    return kept
-
-
 # --------------------------------------------------------------------------- entry point
 def prune(model: nn.Module, config: PruneConfig, example: torch.Tensor | None = None,
-          progress: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+          progress: bool = False, latency_repeats: int = 5) -> tuple[nn.Module, dict[str, Any]]:
     """Prune `model` in place; return it with a report (params, MACs, size, sparsity or channels).
 
     example: a batch of real input images; the first traces the model, the batch times
-    the filter-pruned model against the original (same batch, same threads).
+    the filter-pruned model against the original (same batch, same threads; the median
+    of latency_repeats passes each).
     """
     if example is None:
         raise RenormError("pruning needs one example image to trace the model")
     params_before, macs_before = _count(model, example[:1])
     size_before = state_dict_bytes(model)
-    latency_before = latency_ms(model, example, repeats=5) if config.kind == "filter" else None
+    latency_before = latency_ms(model, example, repeats=latency_repeats) if config.kind == "filter" else None
     if config.kind == "unstructured":
         magnitude_prune(model, config)
     else:
@@ -231,7 +203,7 @@ def prune(model: nn.Module, config: PruneConfig, example: torch.Tensor | None = 
                        "sparsity": zeros / max(1, sum(r["weights"] for r in rows)), "layers": rows})
     else:
         report.update({"latency_ms_before": round(latency_before, 2),
-                       "latency_ms_after": round(latency_ms(model, example, repeats=5), 2),
+                       "latency_ms_after": round(latency_ms(model, example, repeats=latency_repeats), 2),
                        "latency_batch": len(example), "threads": torch.get_num_threads()})
         report["layers"] = [{"layer": name, "out_channels": _out_channels(m)} for name, m in quantizable_layers(model)]
     return model, report

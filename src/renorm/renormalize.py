@@ -45,6 +45,7 @@ from renorm.errors import RenormError
 
 MODES = ("exact", "shift", "none")
 _DEAD = 1e-10  # a channel whose variance is below this fraction of its layer's mean variance
+_CANCEL = 100.0  # sums of squares are trusted while mean^2 <= _CANCEL * variance (relative error ~6e-8 x that ratio)
 
 
 @dataclass
@@ -59,7 +60,7 @@ class Moments:
         """Merge one batch (channels on dim 1) into the running moments."""
         n = x.numel() // x.shape[1]
         mean, var = _batch_moments(x)
-        mean, m2 = mean.double(), var.double() * n
+        m2 = var * n
         if self.count == 0:
             self.count, self.mean, self.m2 = n, mean, m2
             return
@@ -76,15 +77,31 @@ class Moments:
 
 
 def _batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance of a batch (channels on dim 1)."""
+    """Per-channel mean and biased variance (float64) of a batch (channels on dim 1).
+
+    Contiguous images (N, C, H, W...): per-(image, channel) sums and norms, which torch
+    reduces over contiguous memory about 4x faster than its Welford kernel
+    (`batch_norm_update_stats`), combined per channel in float64. Their error grows
+    with mean^2 / variance; a batch where some channel exceeds _CANCEL is measured
+    again with the Welford kernel.
+    """
     x = x.detach()
-    if x.dim() == 2 or x.is_contiguous():
+    if x.dim() > 2 and x.is_contiguous() and x.dtype == torch.float32:
+        rows = x.reshape(x.shape[0], x.shape[1], -1)
+        per = rows.shape[-1] * rows.shape[0]
+        mean = rows.sum(-1).double().sum(0) / per
+        square = (torch.linalg.vector_norm(rows, dim=-1).double() ** 2).sum(0) / per
+        var = (square - mean * mean).clamp_min(0)
+        if bool((mean * mean <= _CANCEL * var).all()):
+            return mean, var
+    if x.dim() == 2 or x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
         try:
-            return torch.batch_norm_update_stats(x, None, None, 1.0)  # one fused pass, as SyncBatchNorm uses
+            mean, var = torch.batch_norm_update_stats(x, None, None, 1.0)  # Welford, one fused pass
+            return mean.double(), var.double()
         except RuntimeError:
             pass
     dims = [d for d in range(x.dim()) if d != 1]
-    var, mean = torch.var_mean(x, dim=dims, correction=0)
+    var, mean = torch.var_mean(x.double(), dim=dims, correction=0)
     return mean, var
 
 
@@ -198,14 +215,31 @@ def _warn_skipped(model: nn.Module) -> None:
                       f"by itself) and were left alone: {', '.join(skipped[:3])}", stacklevel=3)
 
 
-def _matched_channels(name: str, reference: nn.Module, pruned: nn.Module) -> list[int]:
-    from renorm.prune import _bn_fingerprint, _match_channels
+def matched_channels(original: nn.modules.batchnorm._BatchNorm, pruned: nn.modules.batchnorm._BatchNorm) -> list[int]:
+    """Index in `original` of each channel of `pruned`, a copy of it with channels removed.
 
-    try:
-        return _match_channels(_bn_fingerprint(reference), _bn_fingerprint(pruned))
-    except RenormError:
-        raise RenormError(f"shift re-normalization: BatchNorm {name!r} has {pruned.num_features} channels, the "
-                          f"reference {reference.num_features}, and they cannot be matched (use --renorm exact)") from None
+    Channel pruning (renorm's, or Torch-Pruning's used directly) keeps each surviving
+    channel's stored numbers (running mean and variance, weight, bias): a channel is found
+    by them. Channels with identical numbers are interchangeable, whichever is taken.
+    """
+    lookup: dict[tuple, list[int]] = {}
+    for index, row in enumerate(_stored_numbers(original).tolist()):
+        lookup.setdefault(tuple(row), []).append(index)
+    kept = []
+    for row in _stored_numbers(pruned).tolist():
+        candidates = lookup.get(tuple(row))
+        if not candidates:
+            raise RenormError(f"a BatchNorm with {pruned.num_features} channels is not a pruned copy of the reference's "
+                              f"with {original.num_features}: its stored numbers differ (use --renorm exact)")
+        kept.append(candidates.pop(0))
+    return kept
+
+
+def _stored_numbers(bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
+    parts = [bn.running_mean, bn.running_var] if bn.running_mean is not None else []
+    if bn.affine:
+        parts += [bn.weight.detach(), bn.bias.detach()]
+    return torch.stack(parts, 1)
 
 
 Target = Callable[[str, torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, torch.Tensor]]
@@ -226,10 +260,10 @@ def _targets(mode: str, layers: list, reference: nn.Module | None) -> Target:
                 raise RenormError(f"shift re-normalization needs the same BatchNorm layers in both models; "
                                   f"{name!r} is missing from the reference (use --renorm exact)")
             continue
-        if getattr(module, "_renorm_kept_channels", None) is not None:
-            kept[name] = torch.tensor(module._renorm_kept_channels)  # set by renorm's filter pruning
-        else:  # pruned elsewhere (e.g. Torch-Pruning directly): find each channel's stored numbers
-            kept[name] = torch.tensor(_matched_channels(name, other, module))
+        try:
+            kept[name] = torch.tensor(matched_channels(other, module))
+        except RenormError as error:
+            raise RenormError(f"shift re-normalization, BatchNorm {name!r}: {error}") from None
     original = {name: (m.running_mean.double().clone(), m.running_var.double().clone()) for name, m in layers}
 
     def shift(name: str, mean: torch.Tensor, var: torch.Tensor, ref: Any) -> tuple[torch.Tensor, torch.Tensor]:
