@@ -24,7 +24,9 @@ merges the chunk's input moments into the layer's running population moments (Ch
 merge, float64) and sets them as the layer's statistics before it normalizes the chunk;
 so every chunk's later layers are computed with earlier layers' statistics estimated
 from all images so far, including that chunk. With N <= chunk this is exactly the
-paper's one-batch fixed point; with more images it converges to it, using all of them.
+paper's one-batch fixed point; with more images it approximates it, using all of them
+(the first chunks' inputs to later layers, computed under statistics from few images,
+stay in the moments; benchmarks/renorm_variants.py measures the deviation).
 Memory: one chunk. Cost: one forward pass (two, FP32 and compressed, in shift mode),
 plus the moments. The result depends on the order and the chunk size, never on the
 batch size.
