@@ -7,8 +7,8 @@ top-1 agreement, top-5 agreement (FP32's top-1 within the model's top 5) and mea
 KL(FP32 || model). Calibration: 500 random crops (--crops) of five scikit-image photos
 (photos:calib); evaluation: 500 random crops of four *other* photos (photos:eval:
 scikit-learn's china and flower, scikit-image's hubble_deep_field and retina). Weights
-W8/W4/W3, uniform and pow2 (first/last layer 8-bit), x {none, exact, shift}. About 15
-minutes on 2 cores.
+W8/W4/W3, uniform and pow2 (first/last layer 8-bit), x {none, exact, shift}. About 35
+minutes at 1 thread (measured while another benchmark shared the machine).
 """
 from __future__ import annotations
 

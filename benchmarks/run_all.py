@@ -1,7 +1,7 @@
 """Regenerate every table and plot in docs/results (and so in the README).
 
-    python -m benchmarks.run_all            # everything, about 2 hours on 2 cores
-    python -m benchmarks.run_all --quick    # smoke run of each script, a few minutes
+    python -m benchmarks.run_all            # all but the peers, about 100 minutes on 2 cores
+    python -m benchmarks.run_all --quick    # smoke run of each script, about 10 minutes
 
 Each script is also runnable alone (see benchmarks/README.md). Peers (NNCF, AIMET) need
 their own environment: see benchmarks/peers.py.
