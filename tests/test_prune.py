@@ -126,7 +126,9 @@ def test_bad_pruning_input():
 def test_latency_of_a_filter_pruned_model_is_measured():
     model = torchvision.models.resnet18(num_classes=10).eval()
     x = torch.randn(8, 3, 64, 64)
-    pruned, _ = prune(copy.deepcopy(model), PruneConfig(0.5, "filter"), example=x)
+    pruned, report = prune(copy.deepcopy(model), PruneConfig(0.5, "filter"), example=x, latency_repeats=3)
+    assert report["latency_ms_before"] > 0 and report["latency_ms_after"] > 0
+    assert report["latency_batch"] == 8 and report["threads"] == torch.get_num_threads()
     assert latency_ms(pruned, x, repeats=3) > 0
 
 

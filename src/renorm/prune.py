@@ -11,6 +11,7 @@ plain, smaller nn.Module; its pruning history is kept so a saved file can be reb
 """
 from __future__ import annotations
 
+import copy
 import io
 import statistics
 import time
@@ -178,13 +179,14 @@ def prune(model: nn.Module, config: PruneConfig, example: torch.Tensor | None = 
 
     example: a batch of real input images; the first traces the model, the batch times
     the filter-pruned model against the original (same batch, same threads; the median
-    of latency_repeats passes each).
+    of latency_repeats passes each, the two models alternating so that a change in the
+    machine's load hits both alike).
     """
     if example is None:
         raise RenormError("pruning needs one example image to trace the model")
     params_before, macs_before = _count(model, example[:1])
     size_before = state_dict_bytes(model)
-    latency_before = latency_ms(model, example, repeats=latency_repeats) if config.kind == "filter" else None
+    original = copy.deepcopy(model).eval() if config.kind == "filter" else None
     if config.kind == "unstructured":
         magnitude_prune(model, config)
     else:
@@ -202,8 +204,8 @@ def prune(model: nn.Module, config: PruneConfig, example: torch.Tensor | None = 
         report.update({"nonzero_weights": sum(r["weights"] for r in rows) - zeros,
                        "sparsity": zeros / max(1, sum(r["weights"] for r in rows)), "layers": rows})
     else:
-        report.update({"latency_ms_before": round(latency_before, 2),
-                       "latency_ms_after": round(latency_ms(model, example, repeats=latency_repeats), 2),
+        before, after = compare_latency(original, model, example, repeats=latency_repeats)
+        report.update({"latency_ms_before": round(before, 2), "latency_ms_after": round(after, 2),
                        "latency_batch": len(example), "threads": torch.get_num_threads()})
         report["layers"] = [{"layer": name, "out_channels": _out_channels(m)} for name, m in quantizable_layers(model)]
     return model, report
@@ -258,3 +260,18 @@ def latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 10) -> fl
         model(example)
         times.append(1000 * (time.perf_counter() - start))
     return statistics.median(times)
+
+
+@torch.no_grad()
+def compare_latency(first: nn.Module, second: nn.Module, example: torch.Tensor, repeats: int = 10) -> tuple[float, float]:
+    """Median milliseconds of a forward pass of each model, the two passes alternating."""
+    models = (first.eval(), second.eval())
+    for model in models:
+        model(example)
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for model, spent in zip(models, times):
+            start = time.perf_counter()
+            model(example)
+            spent.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times[0]), statistics.median(times[1])
