@@ -248,30 +248,26 @@ def state_dict_bytes(model: nn.Module) -> int:
     return buffer.tell()
 
 
-@torch.no_grad()
 def latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 10) -> float:
-    """Median wall-clock milliseconds of one forward pass on `example` (after two warm-ups)."""
-    model.eval()
-    for _ in range(2):
-        model(example)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(example)
-        times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
+    """Median wall-clock milliseconds of one forward pass on `example` (after a warm-up)."""
+    return _median_pass_ms((model,), example, repeats)[0]
 
 
-@torch.no_grad()
 def compare_latency(first: nn.Module, second: nn.Module, example: torch.Tensor, repeats: int = 10) -> tuple[float, float]:
     """Median milliseconds of a forward pass of each model, the two passes alternating."""
-    models = (first.eval(), second.eval())
+    before, after = _median_pass_ms((first, second), example, repeats)
+    return before, after
+
+
+@torch.no_grad()
+def _median_pass_ms(models: tuple[nn.Module, ...], example: torch.Tensor, repeats: int) -> list[float]:
     for model in models:
+        model.eval()
         model(example)
-    times: tuple[list[float], list[float]] = ([], [])
+    times: list[list[float]] = [[] for _ in models]
     for _ in range(repeats):
         for model, spent in zip(models, times):
             start = time.perf_counter()
             model(example)
             spent.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times[0]), statistics.median(times[1])
+    return [statistics.median(spent) for spent in times]

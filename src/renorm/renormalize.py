@@ -257,10 +257,10 @@ def _targets(mode: str, layers: list, reference: nn.Module | None) -> Target:
     kept: dict[str, torch.Tensor] = {}
     for name, module in layers:
         other = reference_layers.get(name)
-        if other is None or other.running_mean.shape == module.running_mean.shape:
-            if other is None:
-                raise RenormError(f"shift re-normalization needs the same BatchNorm layers in both models; "
-                                  f"{name!r} is missing from the reference (use --renorm exact)")
+        if other is None:
+            raise RenormError(f"shift re-normalization needs the same BatchNorm layers in both models; "
+                              f"{name!r} is missing from the reference (use --renorm exact)")
+        if other.running_mean.shape == module.running_mean.shape:
             continue
         try:
             kept[name] = torch.tensor(matched_channels(other, module))
