@@ -18,8 +18,9 @@ from renorm.models import load_model  # noqa: E402
 from renorm.prune import PruneConfig, prune  # noqa: E402
 from renorm.quantize import (ActivationQuantConfig, WeightQuantConfig, calibrate_activations,  # noqa: E402
                              quantize_weights)
+from renorm.reconstruct import ReconstructConfig, reconstruct  # noqa: E402
 from renorm.renormalize import renormalize  # noqa: E402
 
 __all__ = ["ActivationQuantConfig", "Batches", "Config", "PRESETS", "PruneConfig", "RenormError", "Result",
            "WeightQuantConfig", "calibrate_activations", "compress", "evaluate", "load_model", "make_preset",
-           "open_images", "prune", "quantize_weights", "renormalize", "sample", "save_compressed", "__version__"]
+           "open_images", "prune", "quantize_weights", "ReconstructConfig", "reconstruct", "renormalize", "sample", "save_compressed", "__version__"]

@@ -20,7 +20,9 @@ from renorm.evaluate import agreement, accuracy, predict
 from renorm.models import LoadedModel, load_model
 from renorm.quantize.activations import (ActivationQuantConfig, activation_quantization_stats,
                                          calibrate_activations)
+from renorm.quantize.bits import allocate_bits, check_average_bits
 from renorm.quantize.weights import WeightQuantConfig, quantize_weights, weight_quantization_stats
+from renorm.reconstruct import ReconstructConfig, reconstruct
 from renorm.renormalize import MODES, batchnorm_layers, renormalize
 from renorm.report import accuracy_table, stage
 
@@ -51,6 +53,11 @@ class Config:
     prune_exclude: tuple[str, ...] = ()
     prune_first_last: bool = False
     prune_depthwise: bool = False
+    layer_bits: tuple[tuple[str, int], ...] = ()  # (pattern, bits): see renorm.quantize.bits
+    avg_bits: float | None = None  # allocate bits per layer to this average (label-free sensitivity)
+    reconstruct: str = "none"  # a method of renorm.reconstruct, or none
+    reconstruct_images: int = 256
+    sensitivity_images: int = 32  # calibration images that measure each layer's sensitivity for avg_bits
 
     def __post_init__(self) -> None:
         if self.renorm not in MODES:
@@ -64,9 +71,17 @@ class Config:
         self.weight_config()
         if self.prune:
             self.prune_config()
+        if self.avg_bits is not None:
+            check_average_bits(self.avg_bits)
+        if self.reconstruct != "none":
+            self.reconstruct_config()
 
-    def weight_config(self) -> WeightQuantConfig:
-        return WeightQuantConfig(self.wbits, self.scheme, self.first_last_bits, tuple(self.exclude))
+    def weight_config(self, extra_bits: tuple[tuple[str, int], ...] = ()) -> WeightQuantConfig:
+        return WeightQuantConfig(self.wbits, self.scheme, self.first_last_bits, tuple(self.exclude),
+                                 layer_bits=tuple(self.layer_bits) + tuple(extra_bits))
+
+    def reconstruct_config(self) -> ReconstructConfig:
+        return ReconstructConfig(method=self.reconstruct, num_images=self.reconstruct_images, seed=self.seed)
 
     def prune_config(self):
         from renorm.prune import PruneConfig
@@ -113,15 +128,26 @@ def compress(model: nn.Module | str | LoadedModel, calib: Any, config: Config = 
             accuracy_by_stage["fp32"] = evaluator(fp32, "evaluate fp32")
 
     work = copy.deepcopy(fp32)
-    prune_report = None
+    prune_report = bits_report = None
     if config.prune:
         from renorm.prune import prune
 
         with stage(stages, "prune"):
             example = _example(calib, config, count=config.batch_size)  # traces, and times the pruned model
             work, prune_report = prune(work, config.prune_config(), example=example, progress=progress)
+    pruned = copy.deepcopy(work) if config.reconstruct != "none" and config.prune else fp32
+    weight_config = config.weight_config()
+    if config.avg_bits is not None:
+        with stage(stages, "allocate_bits"):
+            allocation, bits_report = allocate_bits(work, _example(calib, config, count=config.sensitivity_images),
+                                                    weight_config, config.avg_bits, progress=progress)
+        weight_config = config.weight_config(allocation)
     with stage(stages, "quantize"):
-        quantize_weights(work, config.weight_config(), progress)
+        quantize_weights(work, weight_config, progress)
+    if config.reconstruct != "none":
+        with stage(stages, "reconstruct"):
+            reconstruct(work, pruned, calib, config.reconstruct_config(), batch_size=config.batch_size,
+                        inplace=True, progress=progress)
     if evaluator and (config.wbits != 32 or config.prune):
         with stage(stages, "evaluate_compressed"):
             accuracy_by_stage["compressed"] = evaluator(work, "evaluate compressed")
@@ -144,6 +170,8 @@ def compress(model: nn.Module | str | LoadedModel, calib: Any, config: Config = 
     report = _report(loaded, preset, fp32, work, config, calib, evaluator, accuracy_by_stage, stages)
     if prune_report is not None:
         report["prune"] = prune_report
+    if bits_report is not None:
+        report["bits"] = bits_report
     return Result(work, report)
 
 

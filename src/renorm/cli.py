@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from renorm.errors import RenormError
+from renorm.reconstruct import DEFAULT_METHOD as DEFAULT_RECONSTRUCT, METHODS as RECONSTRUCT_METHODS
 
 DEMO_REPORT = "renorm-demo-report.json"
 
@@ -62,6 +63,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--abits", type=int, default=32, help="activation bits (e.g. 8); 32 = float (default)")
     q.add_argument("--act-images", type=int, default=400, help="images to calibrate activations (default 400)")
     q.add_argument("--exclude", nargs="+", default=[], help="layer names to leave in float")
+    q.add_argument("--layer-bits", action="append", default=[], metavar="PATTERN=BITS",
+                   help="bits for the layers a glob over names or a keyword (depthwise, grouped, pointwise, conv, "
+                   "linear, first, last) selects, e.g. depthwise=8 or 'layer4.*=3'; 32 = float; repeatable, "
+                   "later ones win")
+    q.add_argument("--avg-bits", type=float, metavar="B", help="choose each layer's bits from 2, 3, 4, 8 so that "
+                   "the average over all weights is at most B, by each layer's label-free sensitivity (KL against "
+                   "FP32 on calibration images)")
+    q.add_argument("--frontier", metavar="PLOT.png", help="with --avg-bits: plot size vs agreement along the "
+                   "allocation's frontier")
+    rc = compress.add_argument_group("reconstruction (re-choose the rounding so each layer matches FP32)")
+    rc.add_argument("--reconstruct", action="store_true", help=f"turn it on with the best measured method "
+                    f"({DEFAULT_RECONSTRUCT})")
+    rc.add_argument("--reconstruct-method", choices=RECONSTRUCT_METHODS,
+                    help="turn it on with this method instead")
+    rc.add_argument("--reconstruct-images", type=int, default=256,
+                    help="calibration images used for reconstruction (default 256)")
     r = compress.add_argument_group("re-normalization")
     r.add_argument("--renorm", default="exact", help="exact (default: re-estimate from the images), shift "
                    "(correct the trained statistics by the shift compression caused; for few or unlike images), none")
@@ -125,15 +142,22 @@ def run_compress(args: argparse.Namespace) -> int:
     from renorm.api import Config, compress
     from renorm.data import open_images
     from renorm.export import save_compressed
+    from renorm.quantize.bits import parse_layer_bits
 
+    method = args.reconstruct_method or (DEFAULT_RECONSTRUCT if args.reconstruct else "none")
+    if args.frontier and args.avg_bits is None:
+        raise RenormError("--frontier plots the --avg-bits allocation; add --avg-bits B")
     config = Config(wbits=args.wbits, scheme=args.scheme, first_last_bits=args.first_last_bits, abits=args.abits,
                     renorm=args.renorm, num_images=args.num_images, act_images=args.act_images,
                     batch_size=args.batch_size, chunk=args.chunk, seed=args.seed,
                     exclude=tuple(args.exclude), prune=args.prune, prune_type=args.prune_type,
                     prune_scope=args.prune_scope, prune_importance=args.prune_importance,
                     prune_budget=args.prune_budget, prune_exclude=tuple(args.prune_exclude),
-                    prune_first_last=args.prune_first_last, prune_depthwise=args.prune_depthwise)
+                    prune_first_last=args.prune_first_last, prune_depthwise=args.prune_depthwise,
+                    layer_bits=parse_layer_bits(args.layer_bits), avg_bits=args.avg_bits, reconstruct=method,
+                    reconstruct_images=args.reconstruct_images)
     _check_writable(args.out, "--out")
+    _check_writable(args.frontier, "--frontier")
     _check_writable(args.report, "--report")
     for item in (args.model, args.weights):
         if args.out and item and Path(item).expanduser().exists() and \
@@ -144,6 +168,11 @@ def run_compress(args: argparse.Namespace) -> int:
     eval_data = open_images(args.eval, loaded.preset) if args.eval else None
     result = compress(loaded, calib, config, eval_data, progress=not args.quiet)
     report = result.report
+    if args.frontier:
+        from renorm.quantize.bits import plot_frontier
+
+        plot_frontier(report["bits"], args.frontier, f"{loaded.spec}: bit allocation frontier")
+        report["bits"]["plot"] = args.frontier
     if args.out:
         size = save_compressed(args.out, result.model, loaded, protected=[args.model, args.weights])
         report["output"] = {"path": args.out, "bytes": size}
@@ -245,6 +274,13 @@ def _summary(report: dict[str, Any]) -> str:
             line += (f", latency {pruned['latency_ms_before']:.1f} -> {pruned['latency_ms_after']:.1f} ms "
                      f"(batch {pruned['latency_batch']}, {pruned['threads']} threads)")
         lines.append(line)
+    bits = report.get("bits")
+    if bits:
+        counts: dict[int, int] = {}
+        for value in bits["allocation"].values():
+            counts[value] = counts.get(value, 0) + 1
+        lines.append(f"bits: average {bits['average_bits']:.2f} (budget {bits['budget']:g}); layers per bits: "
+                     + ", ".join(f"{b}: {n}" for b, n in sorted(counts.items())))
     if "output" in report:
         lines.append(f"saved: {report['output']['path']} ({report['output']['bytes'] / 2**20:.2f} MiB)")
     return "\n".join(lines)

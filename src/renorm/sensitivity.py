@@ -85,14 +85,7 @@ def sensitivity_table(rows: list[dict[str, Any]]) -> str:
 
 def plot_sensitivity(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
     """Write a PNG: top-1 agreement vs sparsity, one line per layer (atomically)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise RenormError("plots need matplotlib: pip install 'renorm[plot]'") from None
-    path = Path(path)
+    plt = pyplot()
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     fig, ax = plt.subplots(figsize=(9, 5.5))
     cmap = plt.get_cmap("viridis")
@@ -106,6 +99,25 @@ def plot_sensitivity(rows: list[dict[str, Any]], path: str | Path, title: str = 
     ax.grid(alpha=0.3)
     if len(layers) <= 30:
         ax.legend(fontsize=6, ncol=2, loc="lower left")
+    _save_figure(fig, path)
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or a RenormError naming the extra to install."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RenormError("plots need matplotlib: pip install 'renorm[plot]'") from None
+    return plt
+
+
+def _save_figure(fig: Any, path: str | Path) -> None:
+    """Write a matplotlib figure as PNG, atomically, and close it."""
+    plt = pyplot()
+    path = Path(path)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)

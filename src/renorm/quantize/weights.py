@@ -159,6 +159,7 @@ class QuantizedWeight:
     bits: int
     axis: int  # the output-channel axis of the weight
     relative_error: float = float("nan")  # ||W - Wq||^2 / ||W||^2 at quantization time
+    reconstruction: dict | None = None  # objective before / after, when renorm.reconstruct re-chose the codes
 
     def dequantize(self) -> torch.Tensor:
         shape = [1] * self.codes.dim()
@@ -204,12 +205,17 @@ class WeightQuantConfig:
     exclude: tuple[str, ...] = ()  # layer names left in float
     max_iterations: int = 100
     tolerance: float = 1e-6
+    layer_bits: tuple[tuple[str, int], ...] = ()  # (pattern, bits), later ones win; see renorm.quantize.bits
 
     def __post_init__(self) -> None:
         if self.bits != 32:
             check_bits(self.scheme, self.bits)
         if self.first_last_bits != 0:
             check_bits("uniform", self.first_last_bits)
+        from renorm.quantize.bits import check_layer_bits
+
+        for pattern, bits in self.layer_bits:
+            check_layer_bits(pattern, bits)
 
 
 ATTRIBUTE = "_renorm_quantized"  # where a module keeps its QuantizedWeight
@@ -233,22 +239,29 @@ def quantize_weights(model: nn.Module, config: WeightQuantConfig = WeightQuantCo
     if unknown:
         raise RenormError(f"no conv/linear layer named {unknown[0]!r} to exclude; layers are e.g. "
                           f"{', '.join(list(known)[:5])}")
-    if config.bits == 32:
+    if config.bits == 32 and not config.layer_bits:
         return model
-    ends = {layers[0][0], layers[-1][0]} if layers else set()
+    plans = layer_plans(model, config)
     for name, module in tqdm(layers, desc="quantize weights", unit="layer", disable=not progress, leave=False):
-        if name in config.exclude:
+        plan = plans[name]
+        if plan is None:
             continue
-        scheme, bits = config.scheme, config.bits
-        if name in ends:
-            if config.first_last_bits == 0:
-                continue
-            scheme, bits = "uniform", config.first_last_bits
+        scheme, bits = plan.scheme, plan.bits
         quantized = quantize_tensor(module.weight, scheme, bits, output_axis(module),
                                     getattr(module, MASK_ATTRIBUTE, None), config.max_iterations, config.tolerance)
         module.weight.copy_(quantized.dequantize())
         setattr(module, ATTRIBUTE, quantized)
     return model
+
+
+def layer_plans(model: nn.Module, config: WeightQuantConfig) -> dict:
+    """Scheme and bits (a LayerPlan, or None for float) of every conv/linear layer under `config`."""
+    from renorm.quantize.bits import plan_bits
+
+    layers = quantizable_layers(model)
+    ends = (layers[0][0], layers[-1][0]) if layers else (None, None)
+    default = config.bits if config.bits != 32 else 32
+    return plan_bits(layers, default, config.scheme, config.first_last_bits, config.exclude, config.layer_bits, ends)
 
 
 def weight_quantization_stats(model: nn.Module) -> list[dict]:
@@ -260,4 +273,7 @@ def weight_quantization_stats(model: nn.Module) -> list[dict]:
             rows.append({"layer": name, "bits": quantized.bits, "scheme": quantized.scheme,
                          "levels_used": quantized.levels_used, "relative_mse": quantized.relative_error,
                          "shape": list(quantized.codes.shape)})
+            if quantized.reconstruction:
+                rows[-1]["reconstruction"] = {k: v for k, v in quantized.reconstruction.items()
+                                              if k.startswith("objective")}
     return rows

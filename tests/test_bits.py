@@ -1,0 +1,80 @@
+"""Bits per layer: --layer-bits patterns, the first/last rule, and the --avg-bits allocation."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from renorm.errors import RenormError
+from renorm.quantize.bits import allocate, allocate_bits, parse_layer_bits, plot_frontier
+from renorm.quantize.weights import ATTRIBUTE, WeightQuantConfig, quantize_weights
+from test_reconstruct import DepthwiseNet
+
+
+def _bits(model) -> dict[str, int | None]:
+    return {name: (getattr(m, ATTRIBUTE).bits if getattr(m, ATTRIBUTE, None) is not None else None)
+            for name, m in model.named_modules() if hasattr(m, "weight") and m.weight is not None and m.weight.dim() > 1}
+
+
+def test_patterns_keywords_and_precedence():
+    model = DepthwiseNet()
+    config = WeightQuantConfig(bits=4, scheme="pow2",
+                               layer_bits=parse_layer_bits(["depthwise=8", "pro*=3", "grouped=32", "last=6"]))
+    bits = _bits(quantize_weights(copy.deepcopy(model), config))
+    assert bits == {"stem": 8, "expand": 4, "depthwise": 8, "project": 3, "grouped": None, "fc": 6}
+    depthwise = quantize_weights(copy.deepcopy(model), config).depthwise
+    assert getattr(depthwise, ATTRIBUTE).scheme == "uniform"  # pow2 has no 8-bit grid
+    assert getattr(quantize_weights(copy.deepcopy(model), config).project, ATTRIBUTE).scheme == "pow2"
+
+
+@pytest.mark.parametrize("items,message", [
+    (["depthwise"], "PATTERN=BITS"),
+    (["foo=9"], "bits must be 2..8"),
+    (["foo=x"], "not a number"),
+    (["=4"], "PATTERN=BITS"),
+])
+def test_bad_layer_bits_are_named(items, message):
+    with pytest.raises(RenormError, match=message):
+        parse_layer_bits(items)
+
+
+def test_a_pattern_that_matches_nothing_is_an_error():
+    with pytest.raises(RenormError, match="matches no conv/linear layer"):
+        quantize_weights(DepthwiseNet(), WeightQuantConfig(layer_bits=(("layer9.*", 3),)))
+
+
+def test_greedy_allocation_is_optimal_on_a_convex_case():
+    sizes = {"a": 100, "b": 100, "c": 200}
+    costs = {"a": {2: 8.0, 3: 2.0, 4: 1.0, 8: 0.0}, "b": {2: 1.0, 3: 0.5, 4: 0.2, 8: 0.0},
+             "c": {2: 4.0, 3: 1.5, 4: 0.5, 8: 0.0}}
+    chosen = allocate(sizes, costs, 3.0)
+    average = sum(sizes[n] * b for n, b in chosen.items()) / 400
+    assert average <= 3.0
+    # brute force over every assignment within the budget
+    import itertools
+
+    best = min((sum(costs[n][b] for n, b in zip(sizes, combo)), combo)
+               for combo in itertools.product((2, 3, 4, 8), repeat=3)
+               if sum(sizes[n] * b for n, b in zip(sizes, combo)) <= 3.0 * 400)
+    assert sum(costs[n][chosen[n]] for n in sizes) == pytest.approx(best[0])
+    with pytest.raises(RenormError, match="below what these layers can reach"):
+        allocate(sizes, costs, 1.5)
+
+
+def test_allocate_bits_meets_the_budget_and_plots(tmp_path):
+    torch.manual_seed(0)
+    model = DepthwiseNet().eval()
+    images = torch.randn(16, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    state = copy.deepcopy(model.state_dict())
+    config = WeightQuantConfig(bits=4, scheme="uniform")
+    entries, report = allocate_bits(model, images, config, 4.5, points=4)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # the model is left as it was
+    assert report["average_bits"] <= 4.5 + 1e-9
+    assert {name for name, _ in entries} == {"expand", "depthwise", "project", "grouped"}  # first/last are pinned
+    assert report["allocation"]["stem"] == 8 and report["allocation"]["fc"] == 8
+    quantized = quantize_weights(copy.deepcopy(model), WeightQuantConfig(bits=4, scheme="uniform", layer_bits=entries))
+    assert _bits(quantized) == report["allocation"]
+    assert len(report["frontier"]) >= 3 and all(0 <= p["agreement_top1"] <= 100 for p in report["frontier"])
+    plot_frontier(report, tmp_path / "frontier.png")
+    assert (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,191 @@
+"""Reconstruction: the rounding problem, its solvers, and the stage on whole models."""
+from __future__ import annotations
+
+import copy
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import SmallNet, perturbed
+from renorm.errors import RenormError
+from renorm.quantize.weights import ATTRIBUTE, MASK_ATTRIBUTE, WeightQuantConfig, fit_channels, quantize_weights
+from renorm.reconstruct import (Problem, ReconstructConfig, _conv_site, _rows, reconstruct, solve_adaround,
+                                solve_gptq, solve_nearest)
+
+
+def _layer_problem(scheme: str, bits: int, seed: int = 0, rows: int = 16, size: int = 24,
+                   mask: bool = False) -> tuple[Problem, torch.Tensor]:
+    """A linear layer's problem on fixed, strongly correlated inputs; returns (problem, inputs)."""
+    generator = torch.Generator().manual_seed(seed)
+    basis = torch.randn(size, size, generator=generator, dtype=torch.float64)
+    inputs = torch.randn(512, size, generator=generator, dtype=torch.float64) @ basis  # correlated columns
+    weight = torch.randn(rows, size, generator=generator, dtype=torch.float64) * 0.1
+    hessian = (inputs.T @ inputs / len(inputs))[None]
+    scale, _ = fit_channels(weight.float(), scheme, bits)
+    keep = (torch.rand(rows, size, generator=generator) > 0.3).double()[None] if mask else None
+    target = weight[None] * keep if keep is not None else weight[None]
+    return Problem(target, target, hessian, scale.double()[None], scheme, bits, keep), inputs
+
+
+def _output_error(problem: Problem, values: torch.Tensor, scale: torch.Tensor, inputs: torch.Tensor) -> float:
+    """||X W^T - X Wq^T||^2, on the inputs themselves."""
+    quantized = (values * scale[..., None])[0]
+    return float(((inputs @ problem.weight[0].T - inputs @ quantized.T) ** 2).sum())
+
+
+@pytest.mark.parametrize("scheme,bits", [("uniform", 4), ("pow2", 4), ("uniform", 3), ("uniform", 2)])
+def test_methods_beat_nearest_on_a_fixed_layer(scheme, bits):
+    problem, inputs = _layer_problem(scheme, bits)
+    nearest = _output_error(problem, *solve_nearest(problem), inputs)
+    gptq = _output_error(problem, *solve_gptq(problem), inputs)
+    adaround = _output_error(problem, *solve_adaround(problem, steps=400), inputs)
+    assert gptq < 0.8 * nearest, (gptq, nearest)
+    assert adaround < 0.8 * nearest, (adaround, nearest)
+
+
+@pytest.mark.parametrize("solver", ["gptq", "adaround"])
+@pytest.mark.parametrize("scheme", ["pow2", "uniform"])
+def test_codes_stay_on_the_grid_and_masks_stay_zero(solver, scheme):
+    problem, _ = _layer_problem(scheme, 4, seed=3, mask=True)
+    values, scale = solve_gptq(problem) if solver == "gptq" else solve_adaround(problem, steps=200)
+    assert bool((scale > 0).all())
+    assert bool((values[problem.mask == 0] == 0).all())
+    magnitudes = values.abs()
+    if scheme == "pow2":  # 0 or 2^k, k = 0..6 at 4 bits
+        exponent = torch.log2(magnitudes[magnitudes > 0])
+        assert bool((exponent == exponent.round()).all()) and float(exponent.max()) <= 6
+    else:
+        assert bool((magnitudes == magnitudes.round()).all()) and float(magnitudes.max()) <= 7
+
+
+def test_diagonal_curvature_makes_nearest_rounding_optimal():
+    """Uncorrelated inputs: no error can be fed forward, so GPTQ's answer is nearest rounding."""
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(1, 8, 30, generator=generator, dtype=torch.float64)
+    hessian = torch.diag_embed(torch.rand(1, 30, generator=generator, dtype=torch.float64) + 0.5)
+    scale = torch.full((1, 8), 0.3, dtype=torch.float64)
+    problem = Problem(weight, weight, hessian, scale, "uniform", 3)
+    nearest, _ = solve_nearest(problem)
+    gptq, _ = solve_gptq(problem, rounds=1)
+    assert torch.equal(gptq, nearest)
+
+
+def test_a_known_best_rounding_is_recovered():
+    """W* = q + p, p a pattern of +-0.6 and +-0.3, and inputs that hardly vary along p.
+
+    With H = I - (1 - eps) u u^T (u = p / |p|), q costs almost nothing (eps |p|^2) and is
+    the unique best rounding; nearest rounding moves the 0.6s a level the wrong way and
+    keeps the 0.3s, a step off the flat direction that costs about 1. Both methods must
+    find q exactly.
+    """
+    generator = torch.Generator().manual_seed(11)
+    rows, size = 6, 12
+    best = torch.randint(-5, 6, (1, rows, size), generator=generator).double()  # 4-bit uniform levels
+    sign = torch.where(torch.rand(rows, size, generator=generator) < 0.5, -1.0, 1.0).double()
+    pattern = sign * torch.where(torch.rand(rows, size, generator=generator) < 0.5, 0.6, 0.3).double()
+    for row in range(rows):  # one row at a time: each row has its own flat direction
+        u = pattern[row] / pattern[row].norm()
+        hessian = (torch.eye(size, dtype=torch.float64) - (1 - 1e-4) * torch.outer(u, u))[None]
+        target = best[:, row:row + 1] + pattern[row]
+        problem = Problem(target, target, hessian, torch.ones(1, 1, dtype=torch.float64), "uniform", 4)
+        nearest, _ = solve_nearest(problem)
+        assert float(problem.error(nearest)) > 1000 * float(problem.error(best[:, row:row + 1]))
+        for values, _ in (solve_gptq(problem, rounds=1), solve_adaround(problem, steps=500)):
+            assert torch.equal(values, best[:, row:row + 1]), row
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(6, 8, 3, padding=1),
+    nn.Conv2d(6, 8, 3, stride=2, padding=2, dilation=2, groups=2),
+    nn.Conv2d(6, 6, 5, stride=2, padding=2, groups=6),  # depthwise
+    nn.Conv2d(6, 4, 1),
+])
+def test_sampled_rows_are_the_convolution_patches(conv):
+    x = torch.randn(3, 6, 11, 9, generator=torch.Generator().manual_seed(0))
+    site = _conv_site(conv.weight, (x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups), {})
+    rows = _rows(x, site, 10 ** 9, torch.Generator().manual_seed(0))  # every position
+    output = conv(x) - conv.bias[None, :, None, None]
+    groups, per_group = conv.groups, conv.out_channels // conv.groups
+    weight = conv.weight.detach().reshape(groups, per_group, -1)
+    from_rows = torch.einsum("gnk,grk->gnr", rows, weight)  # (groups, positions, out per group)
+    expected = output.detach().reshape(3, groups, per_group, -1).permute(1, 0, 3, 2).reshape(groups, -1, per_group)
+    assert torch.allclose(from_rows, expected, atol=1e-5)
+
+
+class DepthwiseNet(nn.Module):
+    """Stem, depthwise-separable block with a residual add, grouped conv, pooled linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(16)
+        self.expand = nn.Conv2d(16, 32, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.depthwise = nn.Conv2d(32, 32, 3, padding=1, groups=32, bias=False)
+        self.bn2 = nn.BatchNorm2d(32)
+        self.project = nn.Conv2d(32, 16, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(16)
+        self.grouped = nn.Conv2d(16, 24, 3, stride=2, padding=1, groups=4)
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x):
+        x = F.relu6(self.bn0(self.stem(x)))
+        y = F.relu6(self.bn1(self.expand(x)))
+        y = F.relu6(self.bn2(self.depthwise(y)))
+        x = x + self.bn3(self.project(y))
+        x = F.relu(self.grouped(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def _output_gap(model: nn.Module, reference: nn.Module, images: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(((model(images) - reference(images)) ** 2).mean())
+
+
+@pytest.mark.parametrize("method", ["gptq", "adaround"])
+def test_reconstruction_brings_a_depthwise_net_closer_to_fp32(method):
+    torch.manual_seed(0)
+    fp32 = perturbed(DepthwiseNet())
+    images = torch.randn(64, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    state = copy.deepcopy(fp32.state_dict())
+    quantized = quantize_weights(copy.deepcopy(fp32), WeightQuantConfig(bits=3, scheme="uniform"))
+    quantized_state = copy.deepcopy(quantized.state_dict())
+    config = ReconstructConfig(method=method, num_images=64, steps=300)
+    result = reconstruct(quantized, fp32, images, config)
+    assert _output_gap(result, fp32, images) < 0.7 * _output_gap(quantized, fp32, images)
+    for key, value in fp32.state_dict().items():  # the callers' models are untouched
+        assert torch.equal(value, state[key]), key
+    for key, value in quantized.state_dict().items():
+        assert torch.equal(value, quantized_state[key]), key
+    for name, module in result.named_modules():
+        record = getattr(module, ATTRIBUTE, None)
+        if record is not None:
+            assert torch.equal(module.weight, record.dequantize()), name  # weights are their codes
+            expected_bits = 8 if name in ("stem", "fc") else 3  # first and last stay 8-bit
+            assert record.bits == expected_bits and int(record.codes.abs().max()) <= 2 ** (expected_bits - 1) - 1
+
+
+def test_reconstruction_keeps_pruning_masks():
+    from renorm.prune import PruneConfig, magnitude_prune
+
+    torch.manual_seed(0)
+    fp32 = perturbed(SmallNet())
+    images = torch.randn(48, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    pruned = magnitude_prune(copy.deepcopy(fp32), PruneConfig(0.5))
+    quantized = quantize_weights(copy.deepcopy(pruned), WeightQuantConfig(bits=4, scheme="pow2"))
+    result = reconstruct(quantized, pruned, images, ReconstructConfig(num_images=48))
+    for name, module in result.named_modules():
+        mask = getattr(module, MASK_ATTRIBUTE, None)
+        if mask is not None:
+            assert bool((module.weight[~mask] == 0).all()), name
+
+
+def test_reconstruction_needs_quantized_layers_and_a_matching_reference(small_net, images):
+    with pytest.raises(RenormError, match="quantize_weights first"):
+        reconstruct(small_net, small_net, images)
+    quantized = quantize_weights(copy.deepcopy(small_net), WeightQuantConfig(bits=4))
+    with pytest.raises(RenormError, match="same shape"):
+        reconstruct(quantized, DepthwiseNet(), images)
+    with pytest.raises(RenormError, match="not a method"):
+        ReconstructConfig(method="magic")
