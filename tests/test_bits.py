@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -78,3 +79,25 @@ def test_allocate_bits_meets_the_budget_and_plots(tmp_path):
     assert len(report["frontier"]) >= 3 and all(0 <= p["agreement_top1"] <= 100 for p in report["frontier"])
     plot_frontier(report, tmp_path / "frontier.png")
     assert (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--layer-bits", "foo=9"], "bits must be 2..8"),
+    (["--layer-bits", "layer9.*=3"], "matches no conv/linear layer"),
+    (["--avg-bits", "1"], "--avg-bits 1 is outside 2..8"),
+    (["--frontier", "f.png"], "add --avg-bits"),
+    (["--reconstruct-method", "magic"], "invalid choice"),
+    (["--reconstruct", "--reconstruct-images", "0"], "at least 1"),
+])
+def test_bad_bit_and_reconstruction_options_exit_2_before_any_pass(flags, fragment, capsys, tmp_path, monkeypatch):
+    from renorm import cli
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("a pass over data ran before the options were checked")
+
+    monkeypatch.setattr(sys.modules["renorm.api"]._Evaluator, "__call__", no_pass)  # the FP32 evaluation pass
+    code = cli.main(["compress", "fmnist-resnet18", "--calib", "fashion-mnist-mini:train", "--eval",
+                     "fashion-mnist-mini:test", "--quiet", "--out", str(tmp_path / "out.pt"), *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and fragment in err[0], err
+    assert not list(tmp_path.iterdir())

@@ -10,8 +10,8 @@ from torch import nn
 from conftest import SmallNet, perturbed
 from renorm.errors import RenormError
 from renorm.quantize.weights import ATTRIBUTE, MASK_ATTRIBUTE, WeightQuantConfig, fit_channels, quantize_weights
-from renorm.reconstruct import (Problem, ReconstructConfig, _conv_site, _rows, reconstruct, solve_adaround,
-                                solve_gptq, solve_nearest)
+from renorm.reconstruct import Problem, ReconstructConfig, reconstruct, solve_adaround, solve_gptq, solve_nearest
+from renorm.reconstruct.inputs import _conv_site, _rows
 
 
 def _layer_problem(scheme: str, bits: int, seed: int = 0, rows: int = 16, size: int = 24,
@@ -189,3 +189,15 @@ def test_reconstruction_needs_quantized_layers_and_a_matching_reference(small_ne
         reconstruct(quantized, DepthwiseNet(), images)
     with pytest.raises(RenormError, match="not a method"):
         ReconstructConfig(method="magic")
+
+
+def test_one_traced_pass_equals_a_pass_per_layer():
+    """The torch.fx executor (each node once per chunk) computes exactly what re-running the model does."""
+    torch.manual_seed(0)
+    fp32 = perturbed(DepthwiseNet())
+    images = torch.randn(40, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    quantized = quantize_weights(copy.deepcopy(fp32), WeightQuantConfig(bits=3, scheme="pow2"))
+    traced, rerun = (reconstruct(quantized, fp32, images, ReconstructConfig(num_images=40, executor=executor),
+                                 chunk=16) for executor in ("auto", "rerun"))
+    for (key, a), b in zip(traced.state_dict().items(), rerun.state_dict().values()):
+        assert torch.equal(a, b), key

@@ -21,7 +21,7 @@ from renorm.models import LoadedModel, load_model
 from renorm.quantize.activations import (ActivationQuantConfig, activation_quantization_stats,
                                          calibrate_activations)
 from renorm.quantize.bits import allocate_bits, check_average_bits
-from renorm.quantize.weights import WeightQuantConfig, quantize_weights, weight_quantization_stats
+from renorm.quantize.weights import WeightQuantConfig, layer_plans, quantize_weights, weight_quantization_stats
 from renorm.reconstruct import ReconstructConfig, reconstruct
 from renorm.renormalize import MODES, batchnorm_layers, renormalize
 from renorm.report import accuracy_table, stage
@@ -119,6 +119,7 @@ def compress(model: nn.Module | str | LoadedModel, calib: Any, config: Config = 
     if isinstance(fp32, torch.jit.ScriptModule):
         raise RenormError("a TorchScript model can be evaluated but not compressed: PyTorch allows no hooks or "
                           "module surgery on it; load the eager model instead (torchvision:NAME --weights FILE)")
+    layer_plans(fp32, config.weight_config())  # names every --layer-bits pattern that matches nothing, now
     _check_input_fits(fp32, calib, config)
     stages: dict[str, dict] = {}
     accuracy_by_stage: dict[str, dict] = {}

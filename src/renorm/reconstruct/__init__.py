@@ -1,0 +1,267 @@
+"""Reconstruction: choose each quantized weight's code so the layer's output matches FP32.
+
+Re-normalization fixes the statistics compression changes; it cannot fix what rounding
+does to each sample. Reconstruction re-rounds every quantized conv/linear layer, on its
+existing grid (pow2 or uniform levels, one scale per output channel), so that on the
+unlabeled images the layer's output in the quantized network matches the FP32
+network's output of the same layer:
+
+    minimise over codes q (and the row scale s)   || X~ (s q)^T + b - X w^T ||^2
+
+X are the layer's inputs in the FP32 network, X~ the inputs the same images produce in
+the partly quantized network (everything before the layer already reconstructed), w
+the FP32 weights, b a free per-channel offset that the BatchNorm after the layer (or the
+layer's bias) absorbs. Only second moments are needed: H = X~^T X~, G = X~^T X and the
+means, summed over sampled positions (rows) of the inputs, so memory is O(K^2) per
+layer. With the offset profiled out and W* = (H + lambda I)^-1 (G + lambda I) w (ridge
+towards the FP32 weights), the objective is (q - W*) (H + lambda I) (q - W*)^T per
+output channel.
+
+Methods (each on the same statistics):
+  gptq      closed-form second-order rounding with error feedback, column by column
+            (the OBQ/GPTQ family), largest-curvature columns first; the scale is refitted
+            in closed form and the rounding repeated.
+  adaround  learned rounding: each weight chooses to round down or up through a
+            rectified sigmoid trained with Adam on the same quadratic objective, with an
+            annealed regulariser that pushes every choice to 0 or 1 (AdaRound's layer-wise
+            objective, computed from H instead of from samples: exact and cheap).
+  nearest   round to the nearest level (the baseline; only the offset is corrected).
+
+Layers are handled one at a time in execution order, and each is solved and written
+back before the next one's inputs are measured, so later layers see -- and compensate --
+the rounding of earlier ones. When the model traces with torch.fx this costs one pass of
+the quantized model (each node runs once per chunk of images; the values of the nodes
+still to be used are kept for all chunks, one cut through the network); otherwise one
+pass per layer, each stopping at its layer. The FP32 model runs once; its rows are kept.
+Where a layer sees fewer than `min_rows_per_input` rows per weight column (a classifier
+sees one per image), undoing earlier error would fit noise: its target is then the FP32
+weights under the quantized inputs.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from renorm.data import Batches
+from renorm.errors import RenormError
+from renorm.quantize.weights import ATTRIBUTE, MASK_ATTRIBUTE, QuantizedWeight, nearest_codes
+from renorm.reconstruct.inputs import (Layer, LayerStats, Sampler, collect, count_images, graph_of, layer_major,
+                                       limited, sample_reference)
+from renorm.reconstruct.solvers import SOLVERS, Problem, solve_adaround, solve_gptq, solve_nearest
+
+__all__ = ["METHODS", "DEFAULT_METHOD", "Problem", "ReconstructConfig", "reconstruct", "solve_adaround", "solve_gptq",
+           "solve_nearest"]
+
+METHODS = ("gptq", "adaround", "nearest")
+DEFAULT_METHOD = "gptq"  # what --reconstruct turns on: the best measured (docs/RESULTS.md, reconstruction)
+INPUTS = ("quantized", "fp32")
+
+
+@dataclass(frozen=True)
+class ReconstructConfig:
+    """How to reconstruct. See the module docstring for the methods."""
+
+    method: str = DEFAULT_METHOD
+    num_images: int = 256
+    inputs: str = "quantized"  # where X~ comes from: the partly quantized network, or FP32 (one pass)
+    rows: int = 16  # sampled input rows per layer: rows * K, within [min_rows, max_rows]
+    min_rows: int = 2048
+    max_rows: int = 16384
+    damping: float = 0.01  # of the mean diagonal of H
+    rounds: int = 2  # gptq: rounding, scale refit, rounding again
+    steps: int = 1000  # adaround: Adam steps per layer
+    learning_rate: float = 0.01
+    regularization: float = 0.01
+    offset: bool = True  # let the next BatchNorm / the bias absorb the mean error
+    variance: bool = False  # and let the next BatchNorm take the quantized output's variance
+    executor: str = "auto"  # auto: one traced pass (torch.fx) when the model traces, else rerun: a pass per layer
+    min_rows_per_input: float = 4.0  # fewer input rows per weight column: match FP32 weights, not FP32 outputs
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise RenormError(f"--reconstruct-method {self.method!r} is not a method; choose one of "
+                              f"{', '.join(METHODS)}")
+        if self.inputs not in INPUTS:
+            raise RenormError(f"reconstruction inputs {self.inputs!r}: choose one of {', '.join(INPUTS)}")
+        if self.num_images < 1:
+            raise RenormError(f"--reconstruct-images must be at least 1, got {self.num_images}")
+
+
+def _trace(model: nn.Module, example: torch.Tensor, names: set[str]) -> tuple[list[str], dict[str, str]]:
+    """Execution order of the named layers, and the name of the BatchNorm fed directly by each."""
+    order: list[str] = []
+    outputs: dict[str, torch.Tensor] = {}
+    sinks: dict[str, str] = {}
+    handles = []
+    modules = dict(model.named_modules())
+
+    def after(name: str):
+        def hook(_module, _args, output):
+            if name not in outputs:
+                order.append(name)
+                outputs[name] = output
+        return hook
+
+    def before(bn_name: str):
+        def hook(_module, args):
+            for name, output in outputs.items():
+                if args and args[0] is output and name not in sinks:
+                    sinks[name] = bn_name
+        return hook
+
+    for name in names:
+        handles.append(modules[name].register_forward_hook(after(name)))
+    for bn_name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+            handles.append(module.register_forward_pre_hook(before(bn_name)))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order, sinks
+
+
+def _problem(layer: Layer, stats: LayerStats, quantized: QuantizedWeight,
+             config: ReconstructConfig) -> tuple[Problem, torch.Tensor, torch.Tensor, bool]:
+    """The layer's Problem, plus the input means (quantized, reference) and whether an offset is absorbed."""
+    weight = layer.reference.weight.detach().double()
+    groups = stats.hessian.shape[0]
+    shaped = weight.reshape(groups, weight.shape[0] // groups, -1)
+    n = max(stats.count, 1)
+    hessian, cross = stats.hessian / n, stats.cross / n
+    mean_q, mean_r = stats.sum_quantized / n, stats.sum_reference / n
+    absorb = config.offset and (layer.sink is not None or getattr(layer.module, "bias", None) is not None)
+    if absorb:
+        hessian = hessian - mean_q[:, :, None] * mean_q[:, None, :]
+        cross = cross - mean_q[:, :, None] * mean_r[:, None, :]
+    if n < config.min_rows_per_input * hessian.shape[-1]:
+        # too few rows to learn how to undo the earlier layers' error without fitting noise (a classifier
+        # sees one row per image): aim at the FP32 weights under the quantized inputs instead
+        cross = hessian
+    diagonal = torch.diagonal(hessian, dim1=1, dim2=2)
+    damping = config.damping * diagonal.mean(1).clamp_min(1e-12)
+    eye = torch.eye(hessian.shape[-1], dtype=hessian.dtype)
+    damped = hessian + damping[:, None, None] * eye
+    rhs = shaped @ cross.transpose(1, 2) + damping[:, None, None] * shaped
+    target = torch.linalg.solve(damped, rhs.transpose(1, 2)).transpose(1, 2)
+    mask = getattr(layer.module, MASK_ATTRIBUTE, None)
+    mask = mask.reshape(shaped.shape).float() if mask is not None else None
+    scale = quantized.scale.float().reshape(shaped.shape[:2])
+    # the solvers work in float32, as GPTQ does (float64 products are several times slower here)
+    problem = Problem(shaped.float(), target.float(), damped.float(), scale, quantized.scheme, quantized.bits, mask)
+    return problem, mean_q.float(), mean_r.float(), absorb
+
+
+@torch.no_grad()
+def _apply(layer: Layer, problem: Problem, values: torch.Tensor, scale: torch.Tensor, mean_q: torch.Tensor,
+           mean_r: torch.Tensor, absorb: bool, quantized: QuantizedWeight, stats: LayerStats,
+           variances: bool) -> dict[str, Any]:
+    weight = layer.module.weight
+    new = values * scale[..., None]
+    codes = nearest_codes(values, problem.scheme, problem.bits).reshape(weight.shape)
+    flat_scale = scale.reshape(-1).float()
+    record = QuantizedWeight(codes, flat_scale, quantized.scheme, quantized.bits, quantized.axis)
+    weight.copy_(record.dequantize().to(weight.dtype))
+    fp32 = problem.weight.reshape(weight.shape)
+    record.relative_error = float(((fp32 - weight.double()) ** 2).sum() / (fp32 ** 2).sum().clamp_min(1e-30))
+    setattr(layer.module, ATTRIBUTE, record)
+    if absorb:
+        offset = ((new * mean_q[:, None, :]).sum(-1) - (problem.weight * mean_r[:, None, :]).sum(-1)).reshape(-1)
+        if layer.sink is not None:
+            reference_sink = layer.sink_reference
+            layer.sink.running_mean.copy_((reference_sink.running_mean.double() + offset).to(layer.sink.running_mean.dtype))
+            variance = reference_sink.running_var.double()
+            if variances:  # the BatchNorm normalizes the quantized output by its own spread, as shift would
+                var_q, var_r = (v.reshape(-1) for v in stats.output_variances(new, problem.weight))
+                known = var_r > 1e-12 * var_r.mean().clamp_min(1e-30)
+                variance = torch.where(known, variance * var_q / var_r.clamp_min(1e-30), variance)
+            layer.sink.running_var.copy_(variance.to(layer.sink.running_var.dtype))
+        else:
+            layer.module.bias.copy_((layer.reference.bias.double() - offset).to(layer.module.bias.dtype))
+    nearest, _ = solve_nearest(problem)
+    rtn = problem.error(nearest * problem.scale[..., None])
+    return {"layer": layer.name, "bits": quantized.bits, "scheme": quantized.scheme,
+            "objective_nearest": float(rtn.sum()), "objective": float(problem.error(new).sum())}
+
+
+@torch.no_grad()
+def reconstruct(model: nn.Module, reference: nn.Module, images: Any, config: ReconstructConfig = ReconstructConfig(),
+                batch_size: int = 50, chunk: int = 32, inplace: bool = False, progress: bool = False) -> nn.Module:
+    """Return `model` (weight-quantized) with its codes re-chosen to match `reference` (a copy unless inplace).
+
+    model: the output of quantize_weights (layers without codes are left alone).
+    reference: the FP32 model it was quantized from (after the same pruning, if any).
+    images: unlabeled images (ImageSource, tensor or DataLoader); the first
+    config.num_images are used. Each layer's record gets its objective before and after.
+    """
+    from tqdm.auto import tqdm
+
+    if isinstance(model, torch.jit.ScriptModule) or isinstance(reference, torch.jit.ScriptModule):
+        raise RenormError("a TorchScript model cannot be reconstructed; load the eager model instead")
+    work = model if inplace else copy.deepcopy(model)
+    flags = [(m, m.training) for m in reference.modules()]
+    work.eval()
+    reference.eval()
+    try:
+        _reconstruct(work, reference, images, config, batch_size, chunk, progress, tqdm)
+    finally:
+        for module, flag in flags:
+            module.training = flag
+    return work
+
+
+def _reconstruct(work: nn.Module, reference: nn.Module, images: Any, config: ReconstructConfig, batch_size: int,
+                 chunk: int, progress: bool, tqdm) -> None:
+    modules, reference_modules = dict(work.named_modules()), dict(reference.named_modules())
+    quantized = {name: m for name, m in modules.items() if getattr(m, ATTRIBUTE, None) is not None}
+    if not quantized:
+        raise RenormError("the model has no quantized layer to reconstruct; run quantize_weights first")
+    for name, module in quantized.items():
+        other = reference_modules.get(name)
+        if other is None or getattr(other, "weight", None) is None or other.weight.shape != module.weight.shape:
+            raise RenormError(f"the reference has no layer {name!r} of the same shape; pass the FP32 model that "
+                              "was quantized (after the same pruning)")
+    stream = Batches(images, batch_size, False)
+    count = count_images(images if not isinstance(images, Batches) else images.data, config.num_images)
+    example = stream.first(1)
+    order, sinks = _trace(work, example, set(quantized))
+    layers = [Layer(name, quantized[name], reference_modules[name],
+                     modules.get(sinks[name]) if name in sinks else None,
+                     reference_modules.get(sinks[name]) if name in sinks else None) for name in order]
+    sampler = Sampler(layers, count, config)
+
+    def chunks():
+        return limited(stream, count, chunk)
+
+    cached = sample_reference(layers, reference, chunks, sampler)
+
+    def solve(layer: Layer, stats: LayerStats) -> None:
+        record = getattr(layer.module, ATTRIBUTE)
+        problem, mean_q, mean_r, absorb = _problem(layer, stats, record, config)
+        values, scale = SOLVERS[config.method](problem, config)
+        getattr(layer.module, ATTRIBUTE).reconstruction = _apply(layer, problem, values, scale, mean_q, mean_r,
+                                                                 absorb, record, stats, config.variance)
+
+    with tqdm(total=len(layers), desc=f"reconstruct ({config.method})", unit="layer", disable=not progress,
+              leave=False) as bar:
+        if config.inputs == "fp32":
+            for layer in layers:
+                solve(layer, collect(layer, work, chunks, sampler, cached.pop(layer.name), "fp32"))
+                bar.update(1)
+            return
+        graph = graph_of(work, layers) if config.executor != "rerun" else None
+        if graph is not None:
+            layer_major(graph, layers, chunks, sampler, cached, solve, bar)
+            return
+        for layer in layers:  # the model cannot be traced: one pass per layer, each stopping at the layer
+            solve(layer, collect(layer, work, chunks, sampler, cached.pop(layer.name), "quantized"))
+            bar.update(1)
+
+
