@@ -42,9 +42,15 @@ iteration for its first 4 layers alone. So the rows ran fewer iterations, as the
 "iterations" column says: 500 per layer for the Fashion-MNIST models (--iterations) and 100
 for EfficientNet-Lite0 (--effnet-iterations); AIMET's beta annealing and warm start scale with
 the count. --default-row adds one row per fmnist setting at AIMET's default (not in the
-published table: hours per row here).
+published table: hours per row here). EfficientNet-Lite0 AdaRound did not finish even at 100:
+with the machine's load average at 7-12, the W4 run had optimized 8 of the 50 layers after
+42 minutes (the 112x112 and 56x56 layers took 2.5-9 minutes each: AIMET samples the layer's
+input/output over all 500 crops with two forward passes per layer, then copies 32 cached
+samples per iteration) and was stopped; the table names the rows it lacks. The W3
+round-to-nearest row then ran on its own (--settings W3 --methods nearest).
 Timings: 1 thread (torch.set_num_threads(1), OMP_NUM_THREADS=1) on a 2-core machine shared
 with other jobs (the three models ran as three concurrent processes), wall clock.
+--render-only rewrites the Markdown table from the JSON without running anything.
 """
 from __future__ import annotations
 
@@ -55,6 +61,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
+import json  # noqa: E402
 import random  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -63,7 +70,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from benchmarks.common import THREADS, agree, command_line, fashion_mnist, markdown_table, merged, top1, write_result  # noqa: E402
+from benchmarks.common import RESULTS, THREADS, agree, command_line, fashion_mnist, markdown_table, merged, top1, write_result  # noqa: E402
 from renorm.data import Batches, open_images  # noqa: E402
 from renorm.evaluate import predict  # noqa: E402
 from renorm.models import load_model  # noqa: E402
@@ -247,10 +254,12 @@ def run_model(name: str, args, publish) -> dict:
     base = prepared(fp32, calib[:4])
     keep8 = first_and_last(base, calib[:1])
     settings = SETTINGS[name][:1] if args.quick else SETTINGS[name]
-    runs = [(label, bits, act, it) for label, bits, act in settings
-            for it in ((0, iterations) + ((None,) if args.default_row and name != "efficientnet-lite0"
-                                          and not args.quick else ()))]
-    result = {"names": names, "calib_images": len(calib), "fp32": metric(fp32), "first_last_8bit": list(keep8),
+    settings = [s for s in settings if not args.settings or s[0] in args.settings]
+    choices = (((0,) if "nearest" in args.methods else ())
+               + ((iterations,) if "adaround" in args.methods else ())
+               + ((None,) if args.default_row and name != "efficientnet-lite0" and not args.quick else ()))
+    runs = [(label, bits, act, it) for label, bits, act in settings for it in choices]
+    result = {"model": name, "names": names, "calib_images": len(calib), "fp32": metric(fp32), "first_last_8bit": list(keep8),
               "rows": [], "complete": False, "seconds_model": 0.0}
     print(name, "FP32", result["fp32"], flush=True)
     for label, bits, act, it in runs:
@@ -282,6 +291,20 @@ def run_model(name: str, args, publish) -> dict:
     return result
 
 
+def with_previous_rows(result: dict, before: dict | None, args) -> dict:
+    """A run of some settings/methods of a model: keep the previous run's other rows of that model."""
+    if not before:
+        return result
+    ran = {(r["setting"], r["method"]) for r in result["rows"]}
+    kept = [r for r in before.get("rows", []) if (r["setting"], r["method"]) not in ran]
+    order = [label for label, _, _ in SETTINGS[result["model"]]]
+    rows = sorted(kept + result["rows"], key=lambda r: (order.index(r["setting"]), r["method"] != "round to nearest",
+                                                          r["iterations"] or 0))
+    seconds = result["seconds_model"] + (before.get("seconds_model", 0.0) if kept else 0.0)
+    return {**result, "rows": rows, "seconds_model": round(seconds, 1),
+            "complete": result["complete"] and before.get("complete", True)}
+
+
 def cell(metric: dict) -> str:
     if "top1" in metric:
         return f"{metric['top1']:.2f}"
@@ -306,6 +329,42 @@ def table(data: dict) -> str:
                            "+ reestimate_bn_stats", "AdaRound s", "pipeline s", "re-estimation s"], rows)
 
 
+TITLE = "Peer baseline for reconstruction: AIMET AdaRound"
+
+
+def missing(data: dict) -> list[str]:
+    """A line naming the rows of the plan that the table lacks (a run cut short or not made)."""
+    absent = [f"{name} {label} {method}" for name, entry in data.items() if "rows" in entry
+              for label, _, _ in SETTINGS[name] for method in ("round to nearest", "AdaRound")
+              if not any(r["setting"] == label and r["method"] == method for r in entry["rows"])]
+    return ["", "Not run (no numbers): " + ", ".join(absent) + "."] if absent else []
+
+
+def render(data: dict, version: str) -> str:
+    return "\n".join([
+        f"AIMET (aimet-torch {version}) AdaRound and `reestimate_bn_stats`, torch {torch.__version__}, "
+        f"{THREADS} thread(s) on a 2-core machine shared with other jobs (timings are wall clock). "
+        "Per-channel symmetric weights (AIMET's default config, tf_enhanced encodings), first conv and last "
+        "linear 8-bit; AIMET `prepare_model` first. Weight-only rows keep activations in float; A8 rows "
+        "quantize activations to 8 bits (encodings from the calibration images). AdaRound uses all "
+        "calibration images (batches of 50; AIMET samples 32 cached layer inputs per iteration); AIMET's "
+        "default is 15000 iterations per layer below 8 bits, the iterations column says what ran. "
+        "efficientnet-lite0: each cell top-1 agreement % / top-5 agreement % / KL(FP32 || model) with the "
+        "FP32 model's predictions on photos:eval crops (calibration: photos:calib crops, no photo in common). "
+        "fmnist models: top-1 % on the labeled test set, calibration on unlabeled train images. "
+        "Seconds: AdaRound alone; the pipeline (AdaRound + QuantSim + encodings); re-estimation (plus "
+        "re-computed activation encodings in A8 rows).",
+        "",
+        "Data: " + "; ".join(f"{n}: calibration {d['names']['calib']} ({d['calib_images']} images), "
+                             f"evaluation {d['names']['test']}, "
+                             + (f"whole model {d['seconds_model'] / 60:.1f} min" if d.get("complete", True) else
+                                f"INCOMPLETE, {len(d['rows'])} rows in {d['seconds_model'] / 60:.1f} min")
+                             for n, d in data.items() if "names" in d),
+        "",
+        table(data),
+        *missing(data)])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
@@ -315,9 +374,22 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=500, help="AdaRound iterations per layer, fmnist models")
     parser.add_argument("--effnet-iterations", type=int, default=100,
                         help="AdaRound iterations per layer, efficientnet-lite0")
+    parser.add_argument("--settings", nargs="+", help="only these settings (W4A8, W4, W3, W2); the table keeps "
+                        "the other rows of a model from the previous run")
+    parser.add_argument("--methods", nargs="+", choices=("nearest", "adaround"), default=["nearest", "adaround"],
+                        help="AIMET round-to-nearest rows, AdaRound rows, or both")
     parser.add_argument("--default-row", action="store_true",
                         help="also one AdaRound row per fmnist setting at AIMET's default (15000 iterations per layer)")
+    parser.add_argument("--render-only", action="store_true",
+                        help="run nothing: rewrite the table from docs/results/peers_reconstruct.json")
     args = parser.parse_args()
+    if args.render_only:
+        import aimet_torch
+
+        data = json.loads((RESULTS / "peers_reconstruct.json").read_text())
+        write_result("peers_reconstruct", TITLE, "python -m benchmarks.peers_reconstruct",
+                     render(data, getattr(aimet_torch, "__version__", "?")), data)
+        return
     if args.quick:
         args.iterations, args.effnet_iterations = 50, 10
     import aimet_torch
@@ -325,33 +397,16 @@ def main() -> None:
     output = "peers_reconstruct" + ("_quick" if args.quick else "")
     data: dict = {}
 
+    previous = {} if args.quick or not (RESULTS / f"{output}.json").exists() else \
+        json.loads((RESULTS / f"{output}.json").read_text())
+
     def publish(name: str, result: dict) -> None:
         nonlocal data
+        result = with_previous_rows(result, previous.get(name), args) if args.settings or len(args.methods) < 2 \
+            else result
         data[name] = result
         data = merged(output, {name: result}) if not args.quick else data
-        version = getattr(aimet_torch, "__version__", "?")
-        body = "\n".join([
-            f"AIMET (aimet-torch {version}) AdaRound and `reestimate_bn_stats`, torch {torch.__version__}, "
-            f"{THREADS} thread(s) on a 2-core machine shared with other jobs (timings are wall clock). "
-            "Per-channel symmetric weights (AIMET's default config, tf_enhanced encodings), first conv and last "
-            "linear 8-bit; AIMET `prepare_model` first. Weight-only rows keep activations in float; A8 rows "
-            "quantize activations to 8 bits (encodings from the calibration images). AdaRound uses all "
-            "calibration images (batches of 50; AIMET samples 32 cached layer inputs per iteration); AIMET's "
-            "default is 15000 iterations per layer below 8 bits, the iterations column says what ran. "
-            "efficientnet-lite0: each cell top-1 agreement % / top-5 agreement % / KL(FP32 || model) with the "
-            "FP32 model's predictions on photos:eval crops (calibration: photos:calib crops, no photo in common). "
-            "fmnist models: top-1 % on the labeled test set, calibration on unlabeled train images. "
-            "Seconds: AdaRound alone; the pipeline (AdaRound + QuantSim + encodings); re-estimation (plus "
-            "re-computed activation encodings in A8 rows).",
-            "",
-            "Data: " + "; ".join(f"{n}: calibration {d['names']['calib']} ({d['calib_images']} images), "
-                                 f"evaluation {d['names']['test']}, "
-                                 + (f"whole model {d['seconds_model'] / 60:.1f} min" if d.get("complete", True) else
-                                    f"INCOMPLETE, {len(d['rows'])} rows in {d['seconds_model'] / 60:.1f} min")
-                                 for n, d in data.items() if "names" in d),
-            "",
-            table(data)])
-        write_result(output, "Peer baseline for reconstruction: AIMET AdaRound", command_line(), body, data)
+        write_result(output, TITLE, command_line(), render(data, getattr(aimet_torch, "__version__", "?")), data)
 
     for name in args.models:
         run_model(name, args, publish)
