@@ -1,6 +1,10 @@
 """Reconstruction: round-to-nearest vs each method, with and without re-normalization.
 
-    python -m benchmarks.reconstruct [--quick] [--models efficientnet-lite0 fmnist-mobilenet_v2 fmnist-resnet18]
+    python -m benchmarks.reconstruct [--quick] [--models efficientnet-lite0 fmnist-mobilenet_v2 fmnist-resnet18
+                                     resnet18-224 tune]
+
+Each model can run in its own process (`--models NAME`); the tables are rendered from
+docs/results/reconstruct.json, which keeps the models measured before.
 
 EfficientNet-Lite0 (ImageNet weights): calibration on 500 crops of photos:calib (the
 reconstruction uses the first 256 of them, renorm's default), agreement with the FP32
@@ -9,13 +13,17 @@ agreement and KL(FP32 || model). Weights W4 uniform, W4 uniform with depthwise c
 8 bits, W4 pow2, W3 uniform, W8 uniform; first conv and last linear layer 8-bit.
 Fashion-MNIST references: 1000 unlabeled training images (reconstruction uses 256),
 top-1 on the full 10k test set (or the bundled subset, said in the table), at W4A8
-(uniform and pow2), W3 and W2 uniform. Each row: seconds and peak RSS of the
-reconstruction stage itself (the stage's own peak, see renorm.report.stage).
+(uniform and pow2), W3 and W2 uniform. resnet18-224: torchvision resnet18 (random
+weights: only the cost is measured) on 256 crops of photos:calib at 224 px, W4 uniform.
+tune: the solvers' settings on the rounding problems of Lite0's W4 layers (objective
+left, as a fraction of round-to-nearest's, averaged over every 4th layer).
+Each row: seconds and peak RSS of the reconstruction stage itself (renorm.report.stage).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import time
 from typing import Any
 
 import torch
@@ -31,59 +39,62 @@ from renorm.renormalize import renormalize
 from renorm.report import stage
 
 reconstruction = importlib.import_module("renorm.reconstruct")
-METHODS = ("nearest", "gptq", "adaround")
-LITE0_SETTINGS = (("W4 uniform", 4, "uniform", ()), ("W4 uniform, depthwise 8-bit", 4, "uniform", ("depthwise=8",)),
-                  ("W4 pow2", 4, "pow2", ()), ("W3 uniform", 3, "uniform", ()), ("W8 uniform", 8, "uniform", ()))
+# method name in the tables -> ReconstructConfig fields (rtn: no reconstruction)
+METHODS = {"rtn": None, "gptq": {"method": "gptq"}, "gptq, FP32 inputs": {"method": "gptq", "inputs": "fp32"},
+           "adaround": {"method": "adaround"}, "nearest": {"method": "nearest"}}
+ALL = ("rtn", "gptq", "gptq, FP32 inputs", "adaround")
+LITE0_SETTINGS = (("W4 uniform", 4, "uniform", (), ALL),
+                  ("W4 uniform, depthwise 8-bit", 4, "uniform", ("depthwise=8",), ("rtn", "gptq")),
+                  ("W4 pow2", 4, "pow2", (), ("rtn", "gptq")), ("W3 uniform", 3, "uniform", (), ("rtn", "gptq")),
+                  ("W8 uniform", 8, "uniform", (), ("rtn", "gptq")))
 FMNIST_SETTINGS = (("W4A8 uniform", 4, "uniform", 8), ("W4A8 pow2", 4, "pow2", 8), ("W3 uniform", 3, "uniform", 32),
                    ("W2 uniform", 2, "uniform", 32))
+FMNIST_METHODS = ("rtn", "gptq", "gptq, FP32 inputs", "adaround")
 
 
 def reconstructed(fp32, quantized, calib, method: str, images: int) -> tuple[torch.nn.Module, dict]:
     """The quantized model after `method` (or as it is, for round-to-nearest), with time and memory."""
-    if method == "rtn":
+    if METHODS[method] is None:
         return quantized, {"seconds": 0.0, "peak_rss_mb": None}
     stages: dict[str, dict] = {}
+    config = reconstruction.ReconstructConfig(num_images=images, **METHODS[method])
     with stage(stages, "reconstruct"):
-        model = reconstruction.reconstruct(quantized, fp32, calib,
-                                           reconstruction.ReconstructConfig(method=method, num_images=images))
+        model = reconstruction.reconstruct(quantized, fp32, calib, config)
     return model, stages["reconstruct"]
 
 
-def lite0_rows(args) -> tuple[list, list]:
+def lite0_data(count: int):
     loaded = load_model("efficientnet-lite0")
-    fp32 = loaded.model
-    count = 200 if args.quick else 500
     calib = Batches(open_images(f"photos:calib:{count}", loaded.preset), 50).first(count)
     test = Batches(open_images(f"photos:eval:{count}", loaded.preset), 50).first(count)
+    return loaded.model, calib, test
+
+
+def lite0_rows(args) -> list[dict]:
+    fp32, calib, test = lite0_data(200 if args.quick else 500)
     reference, _ = predict(fp32, test, 50)
-    settings = LITE0_SETTINGS[:1] if args.quick else LITE0_SETTINGS
-    rows, data = [], []
-    for label, bits, scheme, layer_bits in settings:
+    data = []
+    for label, bits, scheme, layer_bits, methods in (LITE0_SETTINGS[:1] if args.quick else LITE0_SETTINGS):
         quantized = quantize_weights(copy_of(fp32), WeightQuantConfig(bits=bits, scheme=scheme,
                                                                       layer_bits=parse_layer_bits(layer_bits)))
-        for method in ("rtn",) + tuple(m for m in args.methods if m != "rtn"):
+        for method in methods:
             model, cost = reconstructed(fp32, quantized, calib, method, args.images)
             result = {mode: agree(renormalize(model, calib, mode, reference=fp32), test, reference)
                       for mode in ("none", "shift")}
-            data.append({"model": "efficientnet-lite0", "weights": label, "method": method, **result, **cost})
-            rows.append(["efficientnet-lite0", label, method,
-                         *[f"{result[m]['agreement_top1']:.1f} / {result[m]['agreement_top5']:.1f} / "
-                           f"{result[m]['kl']:.3f}" for m in ("none", "shift")],
-                         f"{cost['seconds']:.0f}", _mib(cost)])
-            print(rows[-1], flush=True)
-    return rows, data
+            data.append({"weights": label, "method": method, **result, **cost, "images": args.images})
+            print(data[-1], flush=True)
+    return data
 
 
-def fmnist_rows(name: str, args, data_cache: dict) -> tuple[list, list]:
+def fmnist_rows(name: str, args, data_cache: dict) -> list[dict]:
     if "data" not in data_cache:
         data_cache["data"] = fashion_mnist(1000, num_test=2000 if args.quick else None)
     calib, test_x, test_y, names = data_cache["data"]
     fp32 = load_model(name).model
-    settings = FMNIST_SETTINGS[:1] if args.quick else FMNIST_SETTINGS
-    rows, data = [], []
-    for label, bits, scheme, abits in settings:
+    data = [{"weights": "FP32", "method": "", "none": top1(fp32, test_x, test_y), "test": names["test"]}]
+    for label, bits, scheme, abits in (FMNIST_SETTINGS[:1] if args.quick else FMNIST_SETTINGS):
         quantized = quantize_weights(copy_of(fp32), WeightQuantConfig(bits=bits, scheme=scheme))
-        for method in ("rtn",) + tuple(m for m in args.methods if m != "rtn"):
+        for method in FMNIST_METHODS:
             model, cost = reconstructed(fp32, quantized, calib, method, args.images)
             result = {}
             for mode in ("none", "exact"):
@@ -91,46 +102,128 @@ def fmnist_rows(name: str, args, data_cache: dict) -> tuple[list, list]:
                 if abits != 32:
                     final = calibrate_activations(final, calib, ActivationQuantConfig(bits=abits))
                 result[mode] = top1(final, test_x, test_y)
-            data.append({"model": name, "weights": label, "method": method, **result, **cost,
-                         "test": names["test"]})
-            rows.append([name, label, method, f"{result['none']:.2f}", f"{result['exact']:.2f}",
-                         f"{cost['seconds']:.0f}", _mib(cost)])
-            print(rows[-1], flush=True)
-    return rows, data
+            data.append({"weights": label, "method": method, **result, **cost, "test": names["test"],
+                         "images": args.images})
+            print(data[-1], flush=True)
+    return data
 
 
-def _mib(cost: dict[str, Any]) -> str:
-    return "" if cost["peak_rss_mb"] is None else f"{cost['peak_rss_mb']:.0f}"
+def resnet18_rows(args) -> list[dict]:
+    """Cost only: torchvision resnet18 (random weights) at 224 px, W4 uniform, each method but adaround."""
+    import torchvision
+
+    torch.manual_seed(0)
+    fp32 = torchvision.models.resnet18(weights=None).eval()
+    loaded = load_model("efficientnet-lite0")  # its preset: ImageNet normalization, 224 px crops
+    calib = Batches(open_images(f"photos:calib:{args.images}", loaded.preset), 50).first(args.images)
+    quantized = quantize_weights(copy_of(fp32), WeightQuantConfig(bits=4, scheme="uniform"))
+    data = []
+    for method in ("gptq", "gptq, FP32 inputs"):
+        _, cost = reconstructed(fp32, quantized, calib, method, args.images)
+        data.append({"weights": "W4 uniform", "method": method, **cost, "images": args.images})
+        print(data[-1], flush=True)
+    return data
+
+
+def tune_rows(args) -> list[dict]:
+    """The solvers' settings on Lite0's W4 uniform rounding problems (every 4th layer, FP32 inputs)."""
+    from renorm.reconstruct.solvers import solve_adaround, solve_gptq, solve_nearest
+
+    fp32, calib, _ = lite0_data(args.images)
+    quantized = quantize_weights(copy_of(fp32), WeightQuantConfig(bits=4, scheme="uniform"))
+    problems = []
+    original = reconstruction.SOLVERS["nearest"]
+    reconstruction.SOLVERS["nearest"] = lambda problem, config: (problems.append(problem), original(problem, config))[1]
+    try:
+        reconstruction.reconstruct(quantized, fp32, calib, reconstruction.ReconstructConfig(
+            method="nearest", num_images=args.images, inputs="fp32"))
+    finally:
+        reconstruction.SOLVERS["nearest"] = original
+    picked = problems[1:-1:4]
+
+    def left(solver) -> tuple[float, float]:
+        start, ratios = time.perf_counter(), []
+        for problem in picked:
+            nearest, scale = solve_nearest(problem)
+            values, new_scale = solver(problem)
+            ratios.append(float(problem.error(values * new_scale[..., None]).sum()
+                                / problem.error(nearest * scale[..., None]).sum()))
+        return sum(ratios) / len(ratios), time.perf_counter() - start
+
+    data = []
+    settings = [("gptq, rounds 2", lambda p: solve_gptq(p, 2)), ("gptq, rounds 1", lambda p: solve_gptq(p, 1))]
+    for steps, rate, penalty in ((1000, 0.01, 0.01), (1000, 0.1, 1.0), (1000, 0.1, 3.0), (2000, 0.1, 3.0)):
+        settings.append((f"adaround, {steps} steps, lr {rate}, regularization {penalty}",
+                         lambda p, s=steps, r=rate, g=penalty: solve_adaround(p, s, r, g)))
+    for label, solver in settings:
+        ratio, seconds = left(solver)
+        data.append({"solver": label, "objective_left": ratio, "seconds": seconds, "layers": len(picked)})
+        print(data[-1], flush=True)
+    return data
+
+
+def _cell(result: dict[str, Any]) -> str:
+    return f"{result['agreement_top1']:.1f} / {result['agreement_top5']:.1f} / {result['kl']:.3f}"
+
+
+def _cost(entry: dict[str, Any]) -> list[str]:
+    mib = entry.get("peak_rss_mb")
+    return [f"{entry['seconds']:.0f}" if mib is not None else "", "" if mib is None else f"{mib:.0f}"]
+
+
+def render(everything: dict[str, list[dict]]) -> str:
+    tables = []
+    if "efficientnet-lite0" in everything:
+        rows = [[e["weights"], e["method"], _cell(e["none"]), _cell(e["shift"]), *_cost(e)]
+                for e in everything["efficientnet-lite0"]]
+        tables.append("### EfficientNet-Lite0: top-1 agreement % / top-5 agreement % / KL against FP32\n\n"
+                      + markdown_table(["weights", "method", "no renorm", "shift", "reconstruct s", "peak RSS MiB"],
+                                       rows))
+    for name in ("fmnist-mobilenet_v2", "fmnist-resnet18"):
+        if name in everything:
+            entries = everything[name]
+            rows = [[e["weights"], e["method"], f"{e['none']:.2f}", f"{e['exact']:.2f}" if "exact" in e else "",
+                     *(_cost(e) if "seconds" in e else ["", ""])] for e in entries]
+            tables.append(f"### {name}: top-1 % on {entries[0]['test']}\n\n"
+                          + markdown_table(["weights", "method", "no renorm", "exact", "reconstruct s",
+                                            "peak RSS MiB"], rows))
+    if "resnet18-224" in everything:
+        rows = [[e["weights"], e["method"], str(e["images"]), *_cost(e)] for e in everything["resnet18-224"]]
+        tables.append("### torchvision resnet18 at 224 px (random weights): cost only\n\n"
+                      + markdown_table(["weights", "method", "images", "reconstruct s", "peak RSS MiB"], rows))
+    if "tune" in everything:
+        rows = [[e["solver"], f"{e['objective_left']:.3f}", f"{e['seconds']:.1f}"] for e in everything["tune"]]
+        tables.append(f"### Solver settings on Lite0's W4 uniform layers ({everything['tune'][0]['layers']} layers)"
+                      "\n\n" + markdown_table(["solver", "objective left (nearest = 1)", "seconds"], rows))
+    return "\n\n".join(tables)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="one setting per model, 200 crops / 2000 test images")
-    parser.add_argument("--models", nargs="+", default=["efficientnet-lite0", "fmnist-mobilenet_v2", "fmnist-resnet18"])
-    parser.add_argument("--methods", nargs="+", default=["gptq", "adaround"], choices=METHODS)
+    parser.add_argument("--models", nargs="+", default=["efficientnet-lite0", "fmnist-mobilenet_v2", "fmnist-resnet18",
+                                                        "resnet18-224", "tune"])
     parser.add_argument("--images", type=int, default=256, help="images the reconstruction uses (default 256)")
     args = parser.parse_args()
-    tables, everything, cache = [], {}, {}
+    everything, cache = {}, {}
     for name in args.models:
         if name == "efficientnet-lite0":
-            rows, data = lite0_rows(args)
-            tables.append("### EfficientNet-Lite0: top-1 agreement % / top-5 agreement % / KL against FP32\n\n"
-                          + markdown_table(["model", "weights", "method", "no renorm", "shift", "reconstruct s",
-                                            "reconstruct peak RSS MiB"], rows))
+            everything[name] = lite0_rows(args)
+        elif name == "resnet18-224":
+            everything[name] = resnet18_rows(args)
+        elif name == "tune":
+            everything[name] = tune_rows(args)
         else:
-            rows, data = fmnist_rows(name, args, cache)
-            tables.append(f"### {name}: top-1 % on {cache['data'][3]['test']}\n\n"
-                          + markdown_table(["model", "weights", "method", "no renorm", "exact", "reconstruct s",
-                                            "reconstruct peak RSS MiB"], rows))
-        everything[name] = data
+            everything[name] = fmnist_rows(name, args, cache)
     suffix = "_quick" if args.quick else ""
-    body = ("`rtn`: round to nearest (renorm's quantizer, no reconstruction). `nearest`, `gptq`, `adaround`: "
-            f"renorm.reconstruct with that method on {args.images} calibration images (layer by layer in "
-            "execution order, inputs from the partly quantized network, BatchNorm offsets absorbed), then "
-            "re-normalization (`none`: as reconstruction left it) and, for A8 rows, 8-bit activations.\n\n"
-            + "\n\n".join(tables))
-    write_result("reconstruct" + suffix, "Reconstruction", command_line(), body,
-                 merged("reconstruct" + suffix, everything))
+    data = merged("reconstruct" + suffix, everything)
+    body = ("`rtn`: round to nearest (renorm's quantizer, no reconstruction). `gptq`, `adaround`: "
+            "renorm.reconstruct with that method on the first `images` calibration images (256: layer by layer in "
+            "execution order, inputs from the partly quantized network, BatchNorm offsets absorbed); `gptq, FP32 "
+            "inputs`: the same with every layer's inputs from the FP32 network. Then re-normalization (`no renorm`: "
+            "the statistics reconstruction left) and, for A8 rows, 8-bit activations. Times on a shared 2-core "
+            "machine.\n\n" + render(data))
+    write_result("reconstruct" + suffix, "Reconstruction", command_line(), body, data)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,6 @@ class LayerStats:
     cross: torch.Tensor | None = None  # sum X~^T X
     sum_quantized: torch.Tensor | None = None  # sum of X~ rows (groups, K)
     sum_reference: torch.Tensor | None = None  # sum of X rows
-    reference_hessian: torch.Tensor | None = None  # sum X^T X
     count: int = 0
 
     def add(self, quantized: torch.Tensor, reference: torch.Tensor) -> None:
@@ -50,28 +49,15 @@ class LayerStats:
         # float32 products per chunk (batched float64 matmuls are ~25x slower), float64 running sums
         q, r = quantized.float(), reference.float()
         qt = q.transpose(1, 2)
-        parts = ((qt @ q).double(), (qt @ r).double(), q.double().sum(1), r.double().sum(1),
-                 (r.transpose(1, 2) @ r).double() if quantized is not reference else None)
+        hessian = (qt @ q).double()
+        parts = (hessian, hessian if quantized is reference else (qt @ r).double(), q.double().sum(1),
+                 r.double().sum(1))
         if self.hessian is None:
-            self.hessian, self.cross, self.sum_quantized, self.sum_reference, self.reference_hessian = parts
+            self.hessian, self.cross, self.sum_quantized, self.sum_reference = (part.clone() for part in parts)
         else:
-            self.hessian += parts[0]
-            self.cross += parts[1]
-            self.sum_quantized += parts[2]
-            self.sum_reference += parts[3]
-            if parts[4] is not None:
-                self.reference_hessian += parts[4]
+            for total, part in zip((self.hessian, self.cross, self.sum_quantized, self.sum_reference), parts):
+                total += part
         self.count += quantized.shape[1]
-
-    def output_variances(self, quantized: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per output channel (G, R): variance of X~ q^T and of X w^T over the rows."""
-        n = max(self.count, 1)
-        mean_q, mean_r = self.sum_quantized / n, self.sum_reference / n
-        reference_hessian = self.reference_hessian if self.reference_hessian is not None else self.hessian
-        cov_q = self.hessian / n - mean_q[:, :, None] * mean_q[:, None, :]
-        cov_r = reference_hessian / n - mean_r[:, :, None] * mean_r[:, None, :]
-        q, r = quantized.double(), reference.double()
-        return ((q @ cov_q) * q).sum(-1), ((r @ cov_r) * r).sum(-1)
 
 
 @dataclass

@@ -162,8 +162,8 @@ def _neighbours(x: torch.Tensor, scheme: str, bits: int) -> tuple[torch.Tensor, 
 _ZETA, _GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid
 
 
-def solve_adaround(problem: Problem, steps: int = 1000, learning_rate: float = 0.01,
-                   regularization: float = 0.01, warmup: float = 0.2,
+def solve_adaround(problem: Problem, steps: int = 1000, learning_rate: float = 0.1,
+                   regularization: float = 3.0, warmup: float = 0.2,
                    start: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Learned rounding (up or down per weight) on the quadratic objective; returns (values, scale)."""
     scale = problem.scale if start is None else start[1]
