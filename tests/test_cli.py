@@ -91,7 +91,7 @@ def test_out_never_overwrites_the_input(tmp_path, folder):
     before = (tmp_path / "w.pt").read_bytes()
     result = run("compress", "torchvision:resnet18", "--num-classes", "3", "--weights", str(tmp_path / "w.pt"),
                  "--calib", str(folder), "--resize", "32", "--crop", "32", "--out", str(tmp_path / "w.pt"), "--quiet")
-    assert_clean_error(result, "input model")
+    assert_clean_error(result, "input of this run")
     assert (tmp_path / "w.pt").read_bytes() == before
 
 

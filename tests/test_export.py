@@ -46,6 +46,7 @@ def _compressed_resnet(tmp_path, filter_prune: bool = False, unstructured: bool 
 @pytest.mark.parametrize("filter_prune", [False, True])
 def test_saved_model_reloads_with_identical_outputs(tmp_path, filter_prune):
     loaded, model, images = _compressed_resnet(tmp_path, filter_prune)
+    (tmp_path / "out").mkdir()
     path = tmp_path / "out" / "model.renorm.pt"
     size = save_compressed(path, model, loaded)
     assert path.stat().st_size == size
@@ -77,6 +78,6 @@ def test_never_overwrites_the_input_model(tmp_path):
     before = (tmp_path / "w.pt").read_bytes()
     loaded = LoadedModel(model, "torchvision:resnet18", None, 10, {"kind": "torchvision", "name": "resnet18",
                                                                   "num_classes": 10})
-    with pytest.raises(RenormError, match="is the input model"):
+    with pytest.raises(RenormError, match="is an input of this run"):
         save_compressed(tmp_path / "w.pt", model, loaded, protected=[tmp_path / "w.pt"])
     assert (tmp_path / "w.pt").read_bytes() == before

@@ -133,12 +133,7 @@ def run_compress(args: argparse.Namespace) -> int:
                     prune_scope=args.prune_scope, prune_importance=args.prune_importance,
                     prune_budget=args.prune_budget, prune_exclude=tuple(args.prune_exclude),
                     prune_first_last=args.prune_first_last, prune_depthwise=args.prune_depthwise)
-    _check_writable(args.out, "--out")
-    _check_writable(args.report, "--report")
-    for item in (args.model, args.weights):
-        if args.out and item and Path(item).expanduser().exists() and \
-                Path(args.out).expanduser().resolve() == Path(item).expanduser().resolve():
-            raise RenormError(f"--out {args.out} is the input model; write the compressed model to a new file")
+    _check_outputs(args, (args.model, args.weights), "--out", "--report")
     loaded = _load(args)
     calib = open_images(args.calib, loaded.preset, labeled=False)
     eval_data = open_images(args.eval, loaded.preset) if args.eval else None
@@ -156,7 +151,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from renorm.evaluate import evaluate
     from renorm.report import accuracy_table
 
-    _check_writable(args.report, "--report")
+    _check_outputs(args, (args.model, args.weights, args.reference), "--report")
     loaded = _load(args)
     reference = _load(args, args.reference).model if args.reference else None
     data = open_images(args.data, loaded.preset)
@@ -177,8 +172,7 @@ def run_sensitivity(args: argparse.Namespace) -> int:
 
     if args.renorm not in MODES:
         raise RenormError(f"--renorm {args.renorm!r} is not a mode; choose one of {', '.join(MODES)}")
-    _check_writable(args.report, "--report")
-    _check_writable(args.plot, "--plot")
+    _check_outputs(args, (args.model, args.weights), "--report", "--plot")
     loaded = _load(args)
     images = sample(open_images(args.calib, loaded.preset, labeled=False), args.num_images, args.seed)
     rows = sensitivity(loaded.model, images, args.sparsities, args.renorm, args.batch_size, progress=not args.quiet)
@@ -194,15 +188,24 @@ def run_sensitivity(args: argparse.Namespace) -> int:
 def run_demo(args: argparse.Namespace) -> int:
     from renorm.demo import demo
 
-    _check_writable(args.report, "--report")
+    _check_outputs(args, (), "--report")
     report = demo(progress=not args.quiet)
     _finish(report, args.report)
     return 0
 
 
-def _check_writable(path: str | None, flag: str) -> None:
-    if path and Path(path).expanduser().is_dir():
-        raise RenormError(f"{flag} {path} is a folder; give a file name")
+def _check_outputs(args: argparse.Namespace, inputs: Sequence[str | None], *flags: str) -> None:
+    """Every output path is writable, none is an input, no two are the same file (before any work)."""
+    from renorm.files import check_output
+
+    paths = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in flags}
+    for flag, path in paths.items():
+        check_output(path, flag, inputs)
+    given = [(flag, Path(path).expanduser().resolve()) for flag, path in paths.items() if path]
+    for index, (flag, path) in enumerate(given):
+        for other, other_path in given[index + 1:]:
+            if path == other_path:
+                raise RenormError(f"{flag} and {other} name the same file {path}; give two file names")
 
 
 def _finish(report: dict[str, Any], report_path: str | None) -> None:

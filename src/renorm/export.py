@@ -8,8 +8,6 @@ per-channel scales, the activation quantizers, pruning masks and removed channel
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ from torch import nn
 from renorm import __version__
 from renorm.data import Preset
 from renorm.errors import RenormError
+from renorm.files import check_output, write_atomic
 from renorm.models import LoadedModel, apply_state_dict
 from renorm.quantize import activations
 from renorm.quantize.weights import ATTRIBUTE, MASK_ATTRIBUTE, QuantizedWeight
@@ -71,12 +70,7 @@ def save_compressed(path: str | Path, model: nn.Module, loaded: LoadedModel, pre
 
     protected: input files that must never be overwritten (the input model, its weights).
     """
-    path = Path(path).expanduser()
-    for item in protected:
-        if item and Path(item).expanduser().exists() and path.resolve() == Path(item).expanduser().resolve():
-            raise RenormError(f"--out {path} is the input model; write the compressed model to a new file")
-    if path.is_dir():
-        raise RenormError(f"--out {path} is a folder; give a file name such as model.renorm.pt")
+    check_output(path, "--out", protected)
     kind = loaded.source.get("kind")
     if kind == "torchscript":
         raise RenormError("a TorchScript input cannot be saved as a renorm file; load the model as "
@@ -102,16 +96,8 @@ def save_compressed(path: str | Path, model: nn.Module, loaded: LoadedModel, pre
     }
     if kind == "pickle":
         payload["pickled_module"] = True
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload if kind != "pickle" else {**payload, "module": model}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path.stat().st_size
+    content = payload if kind != "pickle" else {**payload, "module": model}
+    return write_atomic(path, lambda handle: torch.save(content, handle))
 
 
 def load_compressed(payload: dict[str, Any], path: Path, trust_pickle: bool = False) -> LoadedModel:

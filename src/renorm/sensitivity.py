@@ -7,8 +7,6 @@ model on the same images. Layers whose agreement falls fast are the ones to spar
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,6 +14,7 @@ import torch
 from torch import nn
 
 from renorm.errors import RenormError
+from renorm.files import write_atomic
 from renorm.evaluate import agreement, predict
 from renorm.prune import PruneConfig, magnitude_prune
 from renorm.quantize.weights import MASK_ATTRIBUTE, quantizable_layers
@@ -107,12 +106,7 @@ def plot_sensitivity(rows: list[dict[str, Any]], path: str | Path, title: str = 
     if len(layers) <= 30:
         ax.legend(fontsize=6, ncol=2, loc="lower left")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        write_atomic(path, lambda handle: fig.savefig(handle, format="png", dpi=120))
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
