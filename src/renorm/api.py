@@ -17,6 +17,7 @@ from renorm import __version__
 from renorm.data import Batches, ImageSource, Preset, open_images, sample
 from renorm.errors import RenormError
 from renorm.evaluate import agreement, accuracy, predict
+from renorm.forward import eval_mode, forward
 from renorm.models import LoadedModel, load_model
 from renorm.quantize.activations import (ActivationQuantConfig, activation_quantization_stats,
                                          calibrate_activations)
@@ -187,9 +188,8 @@ def _as_source(data: Any, preset: Preset | None, labeled: bool | None) -> Any:
 @torch.no_grad()
 def _check_input_fits(model: nn.Module, calib: Any, config: Config) -> None:
     """Fail fast, before any compression work, when the images do not fit the model."""
-    from renorm.evaluate import _checked_forward
-
-    _checked_forward(model, _example(calib, config))
+    with eval_mode(model):
+        forward(model, _example(calib, config))
 
 
 def _example(calib: Any, config: Config, count: int = 1) -> torch.Tensor:

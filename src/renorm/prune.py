@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from renorm.errors import RenormError
+from renorm.forward import eval_mode, forward
 from renorm.quantize.weights import MASK_ATTRIBUTE, quantizable_layers
 
 KINDS = ("unstructured", "filter")
@@ -229,15 +230,12 @@ def _count(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
             macs += module.weight.numel() * (output[0].numel() // module.out_features)
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            model(example)
+        with torch.no_grad(), eval_mode(model):
+            forward(model, example)
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     return params, macs
 
 
@@ -261,13 +259,13 @@ def compare_latency(first: nn.Module, second: nn.Module, example: torch.Tensor, 
 
 @torch.no_grad()
 def _median_pass_ms(models: tuple[nn.Module, ...], example: torch.Tensor, repeats: int) -> list[float]:
-    for model in models:
-        model.eval()
-        model(example)
     times: list[list[float]] = [[] for _ in models]
-    for _ in range(repeats):
-        for model, spent in zip(models, times):
-            start = time.perf_counter()
-            model(example)
-            spent.append(1000 * (time.perf_counter() - start))
+    with eval_mode(*models):
+        for model in models:
+            forward(model, example)
+        for _ in range(repeats):
+            for model, spent in zip(models, times):
+                start = time.perf_counter()
+                model(example)
+                spent.append(1000 * (time.perf_counter() - start))
     return [statistics.median(spent) for spent in times]

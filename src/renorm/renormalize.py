@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import copy
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -44,6 +43,7 @@ from torch import nn
 
 from renorm.data import Batches
 from renorm.errors import RenormError
+from renorm.forward import eval_mode, forward
 
 MODES = ("exact", "shift", "none")
 _DEAD = 1e-10  # a channel whose variance is below this fraction of its layer's mean variance
@@ -143,22 +143,9 @@ def renormalize(model: nn.Module, images: Any, mode: str = "exact", reference: n
         return work
     target = _targets(mode, layers, reference)
     stream = Batches(images, batch_size, progress, f"renormalize ({mode})")
-    with _eval_mode(reference):
+    with eval_mode(reference):
         _progressive_pass(work, layers, stream, chunk, target, reference if mode == "shift" else None)
     return work
-
-
-@contextmanager
-def _eval_mode(model: nn.Module | None):
-    """Put `model` in eval mode for the block, then restore every module's own flag."""
-    flags = [(m, m.training) for m in model.modules()] if model is not None else []
-    if model is not None:
-        model.eval()
-    try:
-        yield
-    finally:
-        for module, flag in flags:
-            module.training = flag
 
 
 def _progressive_pass(work: nn.Module, layers: list, stream: Batches, chunk: int, target: "Target",
@@ -184,8 +171,8 @@ def _progressive_pass(work: nn.Module, layers: list, stream: Batches, chunk: int
         for images in rechunk(stream.images(), chunk):
             count += len(images)
             if reference is not None:
-                _forward(reference, images)
-            _forward(work, images)
+                forward(reference, images)
+            forward(work, images)
     finally:
         for handle in handles:
             handle.remove()
@@ -288,11 +275,3 @@ def _targets(mode: str, layers: list, reference: nn.Module | None) -> Target:
 def _set_statistics(module: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor) -> None:
     module.running_mean.copy_(mean.to(module.running_mean.dtype))
     module.running_var.copy_(var.clamp_min(0).to(module.running_var.dtype))
-
-
-def _forward(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    try:
-        return model(images)
-    except RuntimeError as error:
-        raise RenormError(f"images of shape {tuple(images.shape[1:])} do not fit the model "
-                          f"({str(error).splitlines()[0]}); set --resize/--crop to the model's input size") from None

@@ -17,6 +17,7 @@ from torch import nn
 
 from renorm.data import Batches
 from renorm.errors import RenormError
+from renorm.forward import eval_mode, forward
 from renorm.quantize.weights import quantizable_layers
 
 ATTRIBUTE = "_renorm_act"  # where a module keeps the ActivationQuantizer of its input
@@ -128,20 +129,18 @@ def calibrate_activations(model: nn.Module, images: Any, config: ActivationQuant
         return hook
 
     handles = [module.register_forward_pre_hook(collector(name)) for name, module in layers]
-    was_training = model.training
-    model.eval()
     try:
         seen = 0
-        for batch in Batches(images, batch_size, progress, "calibrate activations").images():
-            batch = batch[: config.num_images - seen]
-            model(batch)
-            seen += len(batch)
-            if seen >= config.num_images:
-                break
+        with eval_mode(model):
+            for batch in Batches(images, batch_size, progress, "calibrate activations").images():
+                batch = batch[: config.num_images - seen]
+                forward(model, batch)
+                seen += len(batch)
+                if seen >= config.num_images:
+                    break
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     if seen == 0:
         raise RenormError("activation calibration got no images")
     for name, module in layers:
