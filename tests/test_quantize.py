@@ -178,7 +178,7 @@ def test_exclusions_and_float_first_last():
     W.quantize_weights(model, W.WeightQuantConfig(bits=3, scheme="uniform", first_last_bits=0, exclude=("fc1",)))
     names = {r["layer"] for r in W.weight_quantization_stats(model)}
     assert names == {"conv2"}
-    with pytest.raises(RenormError, match="no conv/linear layer named"):
+    with pytest.raises(RenormError, match="--exclude names no conv/linear layer 'nope'"):
         W.quantize_weights(SmallNet(), W.WeightQuantConfig(exclude=("nope",)))
 
 

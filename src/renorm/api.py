@@ -105,7 +105,7 @@ def compress(model: nn.Module | str | LoadedModel, calib: Any, config: Config = 
     if isinstance(fp32, torch.jit.ScriptModule):
         raise RenormError("a TorchScript model can be evaluated but not compressed: PyTorch allows no hooks or "
                           "module surgery on it; load the eager model instead (torchvision:NAME --weights FILE)")
-    _check_input_fits(fp32, calib, config)
+    example = _check_input_fits(fp32, calib, config)
     stages: dict[str, dict] = {}
     accuracy_by_stage: dict[str, dict] = {}
     evaluator = _Evaluator(eval_data, fp32, config.batch_size, progress) if eval_data is not None else None
@@ -122,7 +122,7 @@ def compress(model: nn.Module | str | LoadedModel, calib: Any, config: Config = 
             example = _example(calib, config, count=config.batch_size)  # traces, and times the pruned model
             work, prune_report = prune(work, config.prune_config(), example=example, progress=progress)
     with stage(stages, "quantize"):
-        quantize_weights(work, config.weight_config(), progress)
+        quantize_weights(work, config.weight_config(), progress, example)
     if evaluator and (config.wbits != 32 or config.prune):
         with stage(stages, "evaluate_compressed"):
             accuracy_by_stage["compressed"] = evaluator(work, "evaluate compressed")
@@ -186,10 +186,12 @@ def _as_source(data: Any, preset: Preset | None, labeled: bool | None) -> Any:
 
 
 @torch.no_grad()
-def _check_input_fits(model: nn.Module, calib: Any, config: Config) -> None:
-    """Fail fast, before any compression work, when the images do not fit the model."""
+def _check_input_fits(model: nn.Module, calib: Any, config: Config) -> torch.Tensor:
+    """Fail fast, before any compression work, when the images do not fit the model; return the example image."""
+    example = _example(calib, config)
     with eval_mode(model):
-        forward(model, _example(calib, config))
+        forward(model, example)
+    return example
 
 
 def _example(calib: Any, config: Config, count: int = 1) -> torch.Tensor:

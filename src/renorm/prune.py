@@ -23,7 +23,8 @@ from torch import nn
 
 from renorm.errors import RenormError
 from renorm.forward import eval_mode, forward
-from renorm.quantize.weights import MASK_ATTRIBUTE, quantizable_layers
+from renorm.layers import check_layer_names, first_and_last, is_depthwise, quantizable_layers
+from renorm.quantize.weights import MASK_ATTRIBUTE
 
 KINDS = ("unstructured", "filter")
 SCOPES = ("layer", "global")
@@ -56,28 +57,23 @@ class PruneConfig:
                 raise RenormError(f"{flag} {value!r} is not one of {', '.join(allowed)}")
 
 
-def prunable_layers(model: nn.Module, config: PruneConfig) -> list[tuple[str, nn.Module]]:
-    """Layers unstructured pruning touches: not excluded, not depthwise or first/last unless asked."""
-    layers = quantizable_layers(model)
-    names = {name for name, _ in layers}
-    unknown = [name for name in config.exclude if name not in names]
-    if unknown:
-        raise RenormError(f"--prune-exclude names no conv/linear layer {unknown[0]!r}; layers are e.g. "
-                          f"{', '.join(list(names)[:5])}")
-    ends = {layers[0][0], layers[-1][0]} if layers and not config.prune_first_last else set()
-    return [(name, m) for name, m in layers if name not in config.exclude and name not in ends
-            and (config.prune_depthwise or not _is_depthwise(m))]
+def prunable_layers(model: nn.Module, config: PruneConfig,
+                    example: torch.Tensor | None = None) -> list[tuple[str, nn.Module]]:
+    """Layers unstructured pruning touches: not excluded, not depthwise or first/last unless asked.
 
-
-def _is_depthwise(module: nn.Module) -> bool:
-    return isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and module.groups == module.in_channels
+    example: input images, to find the first and last layer by execution (renorm.layers.first_and_last).
+    """
+    check_layer_names(model, config.exclude, "--prune-exclude")
+    ends = set() if config.prune_first_last else set(first_and_last(model, example))
+    return [(name, m) for name, m in quantizable_layers(model) if name not in config.exclude and name not in ends
+            and (config.prune_depthwise or not is_depthwise(m))]
 
 
 # --------------------------------------------------------------------------- unstructured
 @torch.no_grad()
-def magnitude_prune(model: nn.Module, config: PruneConfig) -> nn.Module:
-    """Zero the smallest weights in place and keep the masks on the modules."""
-    layers = prunable_layers(model, config)
+def magnitude_prune(model: nn.Module, config: PruneConfig, example: torch.Tensor | None = None) -> nn.Module:
+    """Zero the smallest weights in place and keep the masks on the modules (example: see prunable_layers)."""
+    layers = prunable_layers(model, config, example)
     if not layers:
         raise RenormError("no layer left to prune: every conv/linear layer is excluded")
     if config.scope == "global":
@@ -130,17 +126,12 @@ def filter_prune(model: nn.Module, config: PruneConfig, example: torch.Tensor,
                  progress: bool = False) -> nn.Module:
     """Remove output channels in place (Torch-Pruning); record the history (to rebuild saved files)."""
     tp = _torch_pruning()
-    layers = quantizable_layers(model)
-    names = {name for name, _ in layers}
-    unknown = [name for name in config.exclude if name not in names]
-    if unknown:
-        raise RenormError(f"--prune-exclude names no conv/linear layer {unknown[0]!r}")
+    check_layer_names(model, config.exclude, "--prune-exclude")
     # The classifier's outputs are the classes; the stem's channels feed the whole first stage
     # (in a ResNet, its residual stream): spared unless prune_first_last.
-    excluded = set(config.exclude) | ({layers[-1][0]} if layers else set())
-    if layers and not config.prune_first_last:
-        excluded.add(layers[0][0])
-    ignored = [m for name, m in layers if name in excluded]
+    ends = first_and_last(model, example)
+    excluded = set(config.exclude) | set(ends[1:]) | (set() if config.prune_first_last else set(ends[:1]))
+    ignored = [m for name, m in quantizable_layers(model) if name in excluded]
     importance = {"l1": lambda: tp.importance.MagnitudeImportance(p=1),
                   "l2": lambda: tp.importance.MagnitudeImportance(p=2),
                   "bn": lambda: tp.importance.BNScaleImportance()}[config.importance]()
@@ -189,7 +180,7 @@ def prune(model: nn.Module, config: PruneConfig, example: torch.Tensor | None = 
     size_before = state_dict_bytes(model)
     original = copy.deepcopy(model).eval() if config.kind == "filter" else None
     if config.kind == "unstructured":
-        magnitude_prune(model, config)
+        magnitude_prune(model, config, example)
     else:
         filter_prune(model, config, example, progress)
     params_after, macs_after = _count(model, example[:1])

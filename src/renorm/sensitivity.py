@@ -17,7 +17,8 @@ from renorm.errors import RenormError
 from renorm.files import write_atomic
 from renorm.evaluate import agreement, predict
 from renorm.prune import PruneConfig, magnitude_prune
-from renorm.quantize.weights import MASK_ATTRIBUTE, quantizable_layers
+from renorm.layers import quantizable_layers
+from renorm.quantize.weights import MASK_ATTRIBUTE
 from renorm.renormalize import batchnorm_layers, renormalize
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from renorm.data import Batches
 from renorm.errors import RenormError
 from renorm.forward import eval_mode, forward
-from renorm.quantize.weights import quantizable_layers
+from renorm.layers import quantizable_layers
 
 ATTRIBUTE = "_renorm_act"  # where a module keeps the ActivationQuantizer of its input
 

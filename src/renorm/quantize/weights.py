@@ -14,11 +14,10 @@ import torch
 from torch import nn
 
 from renorm.errors import RenormError
+from renorm.layers import QUANTIZABLE, check_layer_names, first_and_last, quantizable_layers  # noqa: F401 (QUANTIZABLE: its old home)
 
 SCHEMES = ("pow2", "uniform", "minmax")
 BITS_RANGE = {"pow2": (2, 6), "uniform": (2, 8), "minmax": (2, 8)}
-QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear,
-               nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 def check_bits(scheme: str, bits: int) -> None:
@@ -216,26 +215,22 @@ ATTRIBUTE = "_renorm_quantized"  # where a module keeps its QuantizedWeight
 MASK_ATTRIBUTE = "_renorm_mask"  # where pruning keeps a module's weight mask
 
 
-def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Conv and linear layers in registration order (first and last are the model's ends)."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
-
-
 @torch.no_grad()
 def quantize_weights(model: nn.Module, config: WeightQuantConfig = WeightQuantConfig(),
-                     progress: bool = False) -> nn.Module:
-    """Quantize conv/linear weights in place (dequantized values in float, codes kept on the module)."""
+                     progress: bool = False, example: torch.Tensor | None = None) -> nn.Module:
+    """Quantize conv/linear weights in place (dequantized values in float, codes kept on the module).
+
+    example: a batch of input images; the first and last layer (config.first_last_bits)
+    are then the first and last to run, else the first and last registered
+    (renorm.layers.first_and_last).
+    """
     from tqdm.auto import tqdm
 
     layers = quantizable_layers(model)
-    known = {name for name, _ in layers}
-    unknown = [name for name in config.exclude if name not in known]
-    if unknown:
-        raise RenormError(f"no conv/linear layer named {unknown[0]!r} to exclude; layers are e.g. "
-                          f"{', '.join(list(known)[:5])}")
+    check_layer_names(model, config.exclude, "--exclude")
     if config.bits == 32:
         return model
-    ends = {layers[0][0], layers[-1][0]} if layers else set()
+    ends = set(first_and_last(model, example))
     for name, module in tqdm(layers, desc="quantize weights", unit="layer", disable=not progress, leave=False):
         if name in config.exclude:
             continue
