@@ -37,9 +37,9 @@ def _compressed_resnet(tmp_path, filter_prune: bool = False, unstructured: bool 
         model, _ = prune(model, PruneConfig(0.3, "filter"), example=images[:1])
     elif unstructured:
         model, _ = prune(model, PruneConfig(0.5), example=images[:1])
-    quantize_weights(model, WeightQuantConfig(bits=4, scheme="pow2"))
+    model = quantize_weights(model, WeightQuantConfig(bits=4, scheme="pow2"))
     model = renormalize(model, images, "exact", batch_size=8, chunk=8)
-    calibrate_activations(model, images, ActivationQuantConfig(bits=8, num_images=16), batch_size=8)
+    model = calibrate_activations(model, images, ActivationQuantConfig(bits=8, num_images=16), batch_size=8)
     return loaded, model, images
 
 

@@ -48,7 +48,7 @@ def test_masks_hold_through_quantization_and_renormalization(images):
     model = perturbed(SmallNet())
     magnitude_prune(model, PruneConfig(0.6, prune_first_last=True))
     masks = {n: m._renorm_mask.clone() for n, m in model.named_modules() if hasattr(m, "_renorm_mask")}
-    quantize_weights(model, WeightQuantConfig(bits=3, scheme="uniform"))
+    model = quantize_weights(model, WeightQuantConfig(bits=3, scheme="uniform"))
     model = renormalize(model, images, "exact", batch_size=16)
     for name, module in model.named_modules():
         if name in masks:

@@ -147,7 +147,7 @@ def test_bit_width_checks():
 def test_quantize_resnet18_first_last_8_bit_and_the_rest_pow2():
     model = torchvision.models.resnet18(num_classes=10).eval()
     original = copy.deepcopy(model)
-    W.quantize_weights(model, W.WeightQuantConfig(bits=4, scheme="pow2"))
+    model = W.quantize_weights(model, W.WeightQuantConfig(bits=4, scheme="pow2"))
     rows = {r["layer"]: r for r in W.weight_quantization_stats(model)}
     assert len(rows) == 21  # 20 convs + fc
     assert rows["conv1"]["bits"] == 8 and rows["conv1"]["scheme"] == "uniform"
@@ -175,7 +175,7 @@ def test_depthwise_and_transposed_convs_are_per_output_channel():
 
 def test_exclusions_and_float_first_last():
     model = SmallNet()
-    W.quantize_weights(model, W.WeightQuantConfig(bits=3, scheme="uniform", first_last_bits=0, exclude=("fc1",)))
+    model = W.quantize_weights(model, W.WeightQuantConfig(bits=3, scheme="uniform", first_last_bits=0, exclude=("fc1",)))
     names = {r["layer"] for r in W.weight_quantization_stats(model)}
     assert names == {"conv2"}
     with pytest.raises(RenormError, match="--exclude names no conv/linear layer 'nope'"):

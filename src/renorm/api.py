@@ -101,7 +101,7 @@ def compress(model: nn.Module | str | LoadedModel, calib: Any, config: Config = 
         calib = sample(calib, config.num_images, config.seed)
     if isinstance(eval_data, str):
         eval_data = _as_source(eval_data, preset, labeled=None)
-    fp32 = loaded.model.eval()
+    fp32 = loaded.model  # never modified, never switched to eval mode: see renorm.forward.eval_mode
     if isinstance(fp32, torch.jit.ScriptModule):
         raise RenormError("a TorchScript model can be evaluated but not compressed: PyTorch allows no hooks or "
                           "module surgery on it; load the eager model instead (torchvision:NAME --weights FILE)")
@@ -113,16 +113,16 @@ def compress(model: nn.Module | str | LoadedModel, calib: Any, config: Config = 
         with stage(stages, "evaluate_fp32"):
             accuracy_by_stage["fp32"] = evaluator(fp32, "evaluate fp32")
 
-    work = copy.deepcopy(fp32)
+    work = copy.deepcopy(fp32).eval()  # the one copy every stage works on in place
     prune_report = None
     if config.prune:
         from renorm.prune import prune
 
         with stage(stages, "prune"):
             example = _example(calib, config, count=config.batch_size)  # traces, and times the pruned model
-            work, prune_report = prune(work, config.prune_config(), example=example, progress=progress)
+            work, prune_report = prune(work, config.prune_config(), example=example, inplace=True)
     with stage(stages, "quantize"):
-        quantize_weights(work, config.weight_config(), progress, example)
+        quantize_weights(work, config.weight_config(), progress, example, inplace=True)
     if evaluator and (config.wbits != 32 or config.prune):
         with stage(stages, "evaluate_compressed"):
             accuracy_by_stage["compressed"] = evaluator(work, "evaluate compressed")
@@ -137,7 +137,7 @@ def compress(model: nn.Module | str | LoadedModel, calib: Any, config: Config = 
     if config.abits != 32:
         with stage(stages, "calibrate_activations"):
             calibrate_activations(work, calib, ActivationQuantConfig(config.abits, config.act_images, seed=config.seed),
-                                  config.batch_size, progress)
+                                  config.batch_size, progress, inplace=True)
         if evaluator:
             with stage(stages, "evaluate_final"):
                 accuracy_by_stage["final"] = evaluator(work, "evaluate final")

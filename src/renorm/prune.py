@@ -122,8 +122,7 @@ def _torch_pruning():
 ROUND_TO = 8
 
 
-def filter_prune(model: nn.Module, config: PruneConfig, example: torch.Tensor,
-                 progress: bool = False) -> nn.Module:
+def filter_prune(model: nn.Module, config: PruneConfig, example: torch.Tensor) -> nn.Module:
     """Remove output channels in place (Torch-Pruning); record the history (to rebuild saved files)."""
     tp = _torch_pruning()
     check_layer_names(model, config.exclude, "--prune-exclude")
@@ -166,23 +165,26 @@ def apply_pruned_channels(model: nn.Module, record: dict[str, Any]) -> nn.Module
 
 # --------------------------------------------------------------------------- entry point
 def prune(model: nn.Module, config: PruneConfig, example: torch.Tensor | None = None,
-          progress: bool = False, latency_repeats: int = 5) -> tuple[nn.Module, dict[str, Any]]:
-    """Prune `model` in place; return it with a report (params, MACs, size, sparsity or channels).
+          latency_repeats: int = 5, inplace: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """Return the pruned model (a copy unless inplace=True) and a report (params, MACs, size, sparsity or channels).
 
-    example: a batch of real input images; the first traces the model, the batch times
-    the filter-pruned model against the original (same batch, same threads; the median
-    of latency_repeats passes each, the two models alternating so that a change in the
-    machine's load hits both alike).
+    example: a batch of real input images; the first traces the model and finds its
+    first and last layer, the batch times the filter-pruned model against the original
+    (same batch, same threads; the median of latency_repeats passes each, the two models
+    alternating so that a change in the machine's load hits both alike).
     """
     if example is None:
         raise RenormError("pruning needs one example image to trace the model")
     params_before, macs_before = _count(model, example[:1])
     size_before = state_dict_bytes(model)
-    original = copy.deepcopy(model).eval() if config.kind == "filter" else None
+    if inplace:  # keep the original only to time it against the filter-pruned model
+        original = copy.deepcopy(model) if config.kind == "filter" else None
+    else:
+        original, model = model, copy.deepcopy(model)
     if config.kind == "unstructured":
         magnitude_prune(model, config, example)
     else:
-        filter_prune(model, config, example, progress)
+        filter_prune(model, config, example)
     params_after, macs_after = _count(model, example[:1])
     report: dict[str, Any] = {
         "type": config.kind, "scope": config.scope, "fraction": config.fraction,

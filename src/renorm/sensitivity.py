@@ -7,6 +7,7 @@ model on the same images. Layers whose agreement falls fast are the ones to spar
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,22 +20,23 @@ from renorm.evaluate import agreement, predict
 from renorm.prune import PruneConfig, magnitude_prune
 from renorm.layers import quantizable_layers
 from renorm.quantize.weights import MASK_ATTRIBUTE
-from renorm.renormalize import batchnorm_layers, renormalize
+from renorm.renormalize import MODES, batchnorm_layers, renormalize
 
 
 @torch.no_grad()
 def sensitivity(model: nn.Module, images: Any, sparsities: Sequence[float] = (0.3, 0.5, 0.7, 0.9),
                 renorm: str = "exact", batch_size: int = 50, progress: bool = False) -> list[dict[str, Any]]:
-    """Rows of {layer, sparsity, agreement_top1, agreement_top5, kl}; `model` is restored afterwards."""
+    """Rows of {layer, sparsity, agreement_top1, agreement_top5, kl}; `model` itself is never modified."""
     from tqdm.auto import tqdm
 
     for s in sparsities:
         PruneConfig(s)  # validates the range
-    model.eval()
+    if renorm not in MODES:
+        raise RenormError(f"--renorm {renorm!r} is not a mode; choose one of {', '.join(MODES)}")
     reference_logits, _ = predict(model, images, batch_size)
-    reference = _frozen_copy(model) if renorm == "shift" else None
-    layers = quantizable_layers(model)
-    bn_state = {name: (bn.running_mean.clone(), bn.running_var.clone()) for name, bn in batchnorm_layers(model)}
+    work = copy.deepcopy(model).eval()
+    layers = quantizable_layers(work)
+    bn_state = {name: (bn.running_mean.clone(), bn.running_var.clone()) for name, bn in batchnorm_layers(work)}
     rows = []
     with tqdm(total=len(layers) * len(sparsities), desc="sensitivity", disable=not progress, leave=False) as bar:
         for name, module in layers:
@@ -42,26 +44,20 @@ def sensitivity(model: nn.Module, images: Any, sparsities: Sequence[float] = (0.
             old_mask = getattr(module, MASK_ATTRIBUTE, None)
             for s in sparsities:
                 try:
-                    magnitude_prune(model, PruneConfig(s, exclude=tuple(n for n, _ in layers if n != name),
-                                                       prune_first_last=True, prune_depthwise=True))
+                    magnitude_prune(work, PruneConfig(s, exclude=tuple(n for n, _ in layers if n != name),
+                                                      prune_first_last=True, prune_depthwise=True))
                     if renorm != "none":
-                        renormalize(model, images, renorm, reference=reference, batch_size=batch_size, inplace=True)
-                    logits, _ = predict(model, images, batch_size)
+                        renormalize(work, images, renorm, reference=model, batch_size=batch_size, inplace=True)
+                    logits, _ = predict(work, images, batch_size)
                     rows.append({"layer": name, "sparsity": s, **agreement(logits, reference_logits)})
                 finally:
                     module.weight.copy_(weight)
                     _restore_mask(module, old_mask)
-                    for bn_name, bn in batchnorm_layers(model):
+                    for bn_name, bn in batchnorm_layers(work):
                         bn.running_mean.copy_(bn_state[bn_name][0])
                         bn.running_var.copy_(bn_state[bn_name][1])
                 bar.update(1)
     return rows
-
-
-def _frozen_copy(model: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(model).eval()
 
 
 def _restore_mask(module: nn.Module, mask: torch.Tensor | None) -> None:

@@ -9,6 +9,7 @@ so layer names and state_dict keys stay as they were.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,11 +107,15 @@ def detach(model: nn.Module) -> None:
 
 @torch.no_grad()
 def calibrate_activations(model: nn.Module, images: Any, config: ActivationQuantConfig = ActivationQuantConfig(),
-                          batch_size: int = 50, progress: bool = False) -> nn.Module:
-    """Fit an input quantizer for every conv/linear layer on `config.num_images` images (in place)."""
-    layers = quantizable_layers(model)
-    if not layers:
+                          batch_size: int = 50, progress: bool = False, inplace: bool = False) -> nn.Module:
+    """Return `model` with an input quantizer fitted for every conv/linear layer (a copy unless inplace=True).
+
+    The scales are fitted on the first `config.num_images` images.
+    """
+    if not quantizable_layers(model):
         raise RenormError("the model has no conv or linear layer whose input could be quantized")
+    model = model if inplace else copy.deepcopy(model)
+    layers = quantizable_layers(model)
     detach(model)
     generator = torch.Generator().manual_seed(config.seed)
     per_batch = max(1, config.max_samples // max(1, -(-config.num_images // batch_size)))

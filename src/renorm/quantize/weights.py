@@ -8,6 +8,7 @@ the lowest error. `minmax` (alpha = max|W| / top level) is the naive baseline.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -217,17 +218,19 @@ MASK_ATTRIBUTE = "_renorm_mask"  # where pruning keeps a module's weight mask
 
 @torch.no_grad()
 def quantize_weights(model: nn.Module, config: WeightQuantConfig = WeightQuantConfig(),
-                     progress: bool = False, example: torch.Tensor | None = None) -> nn.Module:
-    """Quantize conv/linear weights in place (dequantized values in float, codes kept on the module).
+                     progress: bool = False, example: torch.Tensor | None = None, inplace: bool = False) -> nn.Module:
+    """Return `model` with quantized conv/linear weights (a copy unless inplace=True).
 
-    example: a batch of input images; the first and last layer (config.first_last_bits)
-    are then the first and last to run, else the first and last registered
-    (renorm.layers.first_and_last).
+    The weights stay float, holding the dequantized values; each layer keeps its integer
+    codes and scales for export. example: a batch of input images; the first and last
+    layer (config.first_last_bits) are then the first and last to run, else the first
+    and last registered (renorm.layers.first_and_last).
     """
     from tqdm.auto import tqdm
 
-    layers = quantizable_layers(model)
     check_layer_names(model, config.exclude, "--exclude")
+    model = model if inplace else copy.deepcopy(model)
+    layers = quantizable_layers(model)
     if config.bits == 32:
         return model
     ends = set(first_and_last(model, example))
