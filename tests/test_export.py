@@ -81,3 +81,17 @@ def test_never_overwrites_the_input_model(tmp_path):
     with pytest.raises(RenormError, match="is an input of this run"):
         save_compressed(tmp_path / "w.pt", model, loaded, protected=[tmp_path / "w.pt"])
     assert (tmp_path / "w.pt").read_bytes() == before
+
+
+def test_re_pruning_a_filter_pruned_model_keeps_the_whole_record(tmp_path):
+    """The old filter_prune overwrote the record of the first pruning: the saved file no longer rebuilt."""
+    loaded = load_model("torchvision:resnet18", num_classes=10)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    once, _ = prune(loaded.model, PruneConfig(0.3, "filter"), example=x, latency_repeats=1)
+    twice, _ = prune(once, PruneConfig(0.3, "filter"), example=x, latency_repeats=1)
+    assert len(twice._renorm_pruned_channels) == 2
+    assert twice.layer1[0].conv1.out_channels < once.layer1[0].conv1.out_channels < 64
+    save_compressed(tmp_path / "p.pt", twice, loaded)
+    reloaded = load_model(str(tmp_path / "p.pt")).model
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), twice.eval()(x))

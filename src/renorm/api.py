@@ -22,7 +22,7 @@ from renorm.models import LoadedModel, load_model
 from renorm.quantize.activations import (ActivationQuantConfig, activation_quantization_stats,
                                          calibrate_activations)
 from renorm.quantize.weights import WeightQuantConfig, quantize_weights, weight_quantization_stats
-from renorm.renormalize import MODES, batchnorm_layers, renormalize
+from renorm.renormalize import MODES, renormalize_with_summary
 from renorm.report import accuracy_table, stage
 
 
@@ -128,8 +128,9 @@ def compress(model: nn.Module | str | LoadedModel, calib: Any, config: Config = 
             accuracy_by_stage["compressed"] = evaluator(work, "evaluate compressed")
 
     with stage(stages, "renormalize"):
-        work = renormalize(work, calib, config.renorm, reference=fp32, batch_size=config.batch_size,
-                           chunk=config.chunk, inplace=True, progress=progress)
+        work, batchnorm = renormalize_with_summary(work, calib, config.renorm, reference=fp32,
+                                                   batch_size=config.batch_size, chunk=config.chunk, inplace=True,
+                                                   progress=progress)
     if evaluator and config.renorm != "none":
         with stage(stages, "evaluate_renormalized"):
             accuracy_by_stage["renormalized"] = evaluator(work, "evaluate renormalized")
@@ -143,6 +144,7 @@ def compress(model: nn.Module | str | LoadedModel, calib: Any, config: Config = 
                 accuracy_by_stage["final"] = evaluator(work, "evaluate final")
 
     report = _report(loaded, preset, fp32, work, config, calib, evaluator, accuracy_by_stage, stages)
+    report["batchnorm"] = batchnorm
     if prune_report is not None:
         report["prune"] = prune_report
     return Result(work, report)
@@ -162,8 +164,6 @@ def _report(loaded: LoadedModel, preset: Preset | None, fp32: nn.Module, work: n
         "stages": stages,
         "weights": weight_quantization_stats(work),
         "activations": activation_quantization_stats(work),
-        "batchnorm": {"mode": config.renorm, "layers_updated": 0 if config.renorm == "none"
-                      else len(batchnorm_layers(work))},
     }
 
 

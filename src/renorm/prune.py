@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from renorm.errors import RenormError
+from renorm.errors import RenormError, one_line
 from renorm.forward import eval_mode, forward
 from renorm.layers import check_layer_names, first_and_last, is_depthwise, quantizable_layers
 from renorm.quantize.weights import MASK_ATTRIBUTE
@@ -123,7 +123,11 @@ ROUND_TO = 8
 
 
 def filter_prune(model: nn.Module, config: PruneConfig, example: torch.Tensor) -> nn.Module:
-    """Remove output channels in place (Torch-Pruning); record the history (to rebuild saved files)."""
+    """Remove output channels in place (Torch-Pruning); append the step to the model's pruning record.
+
+    The record (HISTORY_ATTRIBUTE: one entry per filter pruning of this model) rebuilds
+    saved files and tells shift re-normalization exactly which channels were kept.
+    """
     tp = _torch_pruning()
     check_layer_names(model, config.exclude, "--prune-exclude")
     # The classifier's outputs are the classes; the stem's channels feed the whole first stage
@@ -138,29 +142,73 @@ def filter_prune(model: nn.Module, config: PruneConfig, example: torch.Tensor) -
     params_before, macs_before = _count(model, example)
     steps = 1 if config.budget == "filters" else 40
     ratio = config.fraction if config.budget == "filters" else 0.95
-    pruner = tp.pruner.MetaPruner(model, example, importance=importance, pruning_ratio=ratio,
-                                  global_pruning=config.scope == "global", ignored_layers=ignored,
-                                  iterative_steps=steps, round_to=ROUND_TO)
-    for _ in range(steps):
-        if config.budget != "filters":
-            params, macs = _count(model, example)
-            done = (1 - params / params_before) if config.budget == "params" else (1 - macs / macs_before)
-            if done >= config.fraction:
-                break
-        pruner.step()
-    model.eval()
-    setattr(model, HISTORY_ATTRIBUTE, {"history": [[n, bool(o), [int(i) for i in idx]]
-                                                   for n, o, idx in pruner.pruning_history()],
-                                       "input_shape": list(example.shape)})
+    try:
+        with torch.enable_grad(), eval_mode(model):  # Torch-Pruning traces autograd; BatchNorm must not update
+            pruner = tp.pruner.MetaPruner(model, example, importance=importance, pruning_ratio=ratio,
+                                          global_pruning=config.scope == "global", ignored_layers=ignored,
+                                          iterative_steps=steps, round_to=ROUND_TO)
+            for _ in range(steps):
+                if config.budget != "filters":
+                    params, macs = _count(model, example)
+                    done = (1 - params / params_before) if config.budget == "params" else (1 - macs / macs_before)
+                    if done >= config.fraction:
+                        break
+                pruner.step()
+            history = pruner.pruning_history()
+    except Exception as error:  # noqa: BLE001 - Torch-Pruning raises many kinds
+        raise RenormError(f"Torch-Pruning could not filter-prune this model ({one_line(error)}); use "
+                          "--prune-type unstructured, or spare the layer with --prune-exclude") from None
+    _check_still_runs(model, example)
+    step = {"history": [[n, bool(o), [int(i) for i in idx]] for n, o, idx in history],
+            "input_shape": list(example.shape)}
+    setattr(model, HISTORY_ATTRIBUTE, pruning_steps(getattr(model, HISTORY_ATTRIBUTE, None)) + [step])
     return model
 
 
-def apply_pruned_channels(model: nn.Module, record: dict[str, Any]) -> nn.Module:
-    """Redo a recorded filter pruning on a freshly built model (for loading saved files)."""
+@torch.no_grad()
+def _check_still_runs(model: nn.Module, example: torch.Tensor) -> None:
+    try:
+        with eval_mode(model):
+            model(example)
+    except Exception as error:  # noqa: BLE001 - whatever the model's own code raises
+        raise RenormError(f"after filter pruning the model no longer runs ({one_line(error)}): its forward "
+                          "assumes fixed channel counts; spare those layers with --prune-exclude or use "
+                          "--prune-type unstructured") from None
+
+
+def pruning_steps(record: Any) -> list[dict[str, Any]]:
+    """The steps of a pruning record: a list of {history, input_shape} (a single dict in files before re-pruning)."""
+    if record is None:
+        return []
+    return [record] if isinstance(record, dict) else list(record)
+
+
+def apply_pruned_channels(model: nn.Module, record: Any) -> nn.Module:
+    """Redo a recorded filter pruning, step by step, on a freshly built model (for saved files)."""
     tp = _torch_pruning()
-    graph = tp.DependencyGraph().build_dependency(model, torch.zeros(record["input_shape"]))
-    graph.load_pruning_history([(n, o, idx) for n, o, idx in record["history"]])
+    try:
+        with torch.enable_grad(), eval_mode(model):
+            for step in pruning_steps(record):
+                graph = tp.DependencyGraph().build_dependency(model, torch.zeros(step["input_shape"]))
+                graph.load_pruning_history([(n, o, idx) for n, o, idx in step["history"]])
+    except Exception as error:  # noqa: BLE001 - Torch-Pruning raises many kinds
+        raise RenormError(f"the recorded filter pruning does not apply to this model ({one_line(error)})") from None
     return model
+
+
+def kept_channels(original: nn.Module, record: Any) -> dict[str, torch.Tensor]:
+    """For each BatchNorm of `original`, the indices of the channels a recorded filter pruning keeps.
+
+    Replays the record (Torch-Pruning's own list of removed channels) on a copy of
+    `original` whose BatchNorms hold their channel numbers as running means.
+    """
+    tagged = copy.deepcopy(original)
+    for module in tagged.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+            module.running_mean.copy_(torch.arange(module.num_features, dtype=module.running_mean.dtype))
+    apply_pruned_channels(tagged, record)
+    return {name: module.running_mean.round().long() for name, module in tagged.named_modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None}
 
 
 # --------------------------------------------------------------------------- entry point
