@@ -209,3 +209,21 @@ def test_calibration_puts_signed_quantizers_on_signed_inputs(small_net, images):
         assert torch.equal(copied(images), quantized)  # survives deepcopy
         A.detach(copied)
         assert torch.equal(copied(images), float_out)
+
+
+def test_activation_sample_budget_follows_the_real_batches(small_net, images, monkeypatch):
+    """The old budget assumed `batch_size` images per batch: a DataLoader of batch 1 kept 50x
+    max_samples values per layer (many GB at 224 px)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    kept = []
+    fit = A.fit_activation_scale
+
+    def spy(values, *args, **kwargs):
+        kept.append(len(values))
+        return fit(values, *args, **kwargs)
+
+    monkeypatch.setattr(A, "fit_activation_scale", spy)
+    loader = DataLoader(TensorDataset(images[:40]), batch_size=1)
+    A.calibrate_activations(small_net, loader, A.ActivationQuantConfig(bits=8, num_images=40, max_samples=400))
+    assert len(kept) == 4 and max(kept) <= 400  # the old code kept all 432 x 40 values of conv1's input

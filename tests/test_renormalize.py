@@ -348,7 +348,8 @@ def test_batchnorms_that_never_run_or_run_twice_are_named_and_not_counted(images
     messages = " | ".join(str(w.message) for w in caught)
     assert "1 BatchNorm layers never ran on the images and keep their old statistics" in messages and "unused" in messages
     assert "BatchNorm twice runs 2 times per forward pass" in messages
-    assert summary == {"mode": "exact", "layers_updated": 2, "not_run": ["unused"], "shared": {"twice": 2}}
+    assert summary == {"mode": "exact", "images": 96, "layers_updated": 2, "not_run": ["unused"],
+                       "shared": {"twice": 2}}
     assert torch.equal(out.unused.running_mean, model.unused.running_mean)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

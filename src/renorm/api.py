@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from renorm import __version__
-from renorm.data import Batches, ImageSource, Preset, open_images, sample
+from renorm.data import Batches, ImageSource, Preset, first_images, open_images, sample
 from renorm.errors import RenormError
 from renorm.evaluate import agreement, accuracy, predict
-from renorm.forward import eval_mode, forward
+from renorm.forward import as_logits, eval_mode, forward
+from renorm.layers import check_layer_names
 from renorm.models import LoadedModel, load_model
 from renorm.quantize.activations import (ActivationQuantConfig, activation_quantization_stats,
                                          calibrate_activations)
@@ -60,6 +61,8 @@ class Config:
             raise RenormError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.num_images < 1:
             raise RenormError(f"--num-images must be at least 1, got {self.num_images}")
+        if self.chunk < 1:
+            raise RenormError(f"--chunk must be at least 1 image, got {self.chunk}")
         if self.abits != 32:
             ActivationQuantConfig(self.abits, self.act_images)
         self.weight_config()
@@ -77,6 +80,10 @@ class Config:
                            self.prune_depthwise)
 
 
+NOT_EVALUATED = {"source": None, "images": 0,
+                 "note": "no evaluation data given (eval_data= / --eval): no stage was evaluated, accuracy is empty"}
+
+
 @dataclass
 class Result:
     """The compressed model and the report (see renorm.report for its keys)."""
@@ -92,20 +99,26 @@ def compress(model: nn.Module | str | LoadedModel, calib: Any, config: Config = 
     model: an nn.Module, a LoadedModel, or a model spec (see renorm.models.load_model).
     calib / eval_data: an ImageSource, a data spec string (preprocessed with `preset`, by
     default the model's own), a tensor, or a DataLoader. Labeled eval data gives accuracy;
-    unlabeled gives agreement with the FP32 model.
+    unlabeled gives agreement with the FP32 model; without eval_data no stage is
+    evaluated (report["accuracy"] is empty and report["evaluation"] says so). Every
+    option is checked against the model before any pass over the data.
     """
     loaded = _as_loaded(model)
-    preset = preset or loaded.preset
-    calib = _as_source(calib, preset, labeled=False)
-    if isinstance(calib, ImageSource):
-        calib = sample(calib, config.num_images, config.seed)
-    if isinstance(eval_data, str):
-        eval_data = _as_source(eval_data, preset, labeled=None)
     fp32 = loaded.model  # never modified, never switched to eval mode: see renorm.forward.eval_mode
     if isinstance(fp32, torch.jit.ScriptModule):
         raise RenormError("a TorchScript model can be evaluated but not compressed: PyTorch allows no hooks or "
                           "module surgery on it; load the eager model instead (torchvision:NAME --weights FILE)")
-    example = _check_input_fits(fp32, calib, config)
+    check_layer_names(fp32, config.exclude, "--exclude")
+    check_layer_names(fp32, config.prune_exclude, "--prune-exclude")
+    preset = preset or loaded.preset
+    calib = _as_source(calib, preset, labeled=False)
+    if isinstance(calib, ImageSource):
+        calib = sample(calib, config.num_images, config.seed)
+    else:
+        calib = first_images(calib, config.num_images)
+    if isinstance(eval_data, str):
+        eval_data = _as_source(eval_data, preset, labeled=None)
+    example = _check_input_fits(fp32, calib, config, evaluated=eval_data is not None)
     stages: dict[str, dict] = {}
     accuracy_by_stage: dict[str, dict] = {}
     evaluator = _Evaluator(eval_data, fp32, config.batch_size, progress) if eval_data is not None else None
@@ -158,7 +171,7 @@ def _report(loaded: LoadedModel, preset: Preset | None, fp32: nn.Module, work: n
                   "parameters": sum(p.numel() for p in fp32.parameters())},
         "config": dataclasses.asdict(config),
         "calibration": _source_info(calib, config.num_images),
-        "evaluation": evaluator.info() if evaluator else None,
+        "evaluation": evaluator.info() if evaluator else NOT_EVALUATED,
         "accuracy": accuracy_by_stage,
         "table": accuracy_table(accuracy_by_stage) if accuracy_by_stage else "",
         "stages": stages,
@@ -180,17 +193,21 @@ def _as_loaded(model: nn.Module | str | LoadedModel) -> LoadedModel:
 def _as_source(data: Any, preset: Preset | None, labeled: bool | None) -> Any:
     if isinstance(data, str):
         if preset is None:
-            raise RenormError(f"to read {data!r} renorm needs a preprocessing preset for this model")
+            raise RenormError(f"to read {data!r} renorm needs a preprocessing preset for this model: pass "
+                              "preset= (e.g. renorm.PRESETS['imagenet'] or renorm.make_preset(...))")
         return open_images(data, preset, labeled=labeled)
     return data
 
 
 @torch.no_grad()
-def _check_input_fits(model: nn.Module, calib: Any, config: Config) -> torch.Tensor:
-    """Fail fast, before any compression work, when the images do not fit the model; return the example image."""
+def _check_input_fits(model: nn.Module, calib: Any, config: Config, evaluated: bool) -> torch.Tensor:
+    """Fail fast, before any pass over the data, when the images do not fit the model (or, when
+    stages are evaluated, its output holds no class scores); return the example image."""
     example = _example(calib, config)
     with eval_mode(model):
-        forward(model, example)
+        output = forward(model, example)
+    if evaluated:
+        as_logits(output)
     return example
 
 
@@ -204,7 +221,8 @@ def _source_info(data: Any, requested: int) -> dict[str, Any]:
         return {"source": data.name, "images_requested": requested,
                 "images_used": len(data) - len(data.skipped), "skipped": len(data.skipped),
                 "skipped_files": list(data.skipped)}
-    return {"source": type(data).__name__}
+    info = {"source": type(data).__name__, "images_requested": requested}
+    return {**info, "images_used": len(data)} if isinstance(data, torch.Tensor) else info
 
 
 class _Evaluator:

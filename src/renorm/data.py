@@ -289,5 +289,41 @@ class Batches:
             if count >= num_images:
                 break
         if not taken:
-            raise RenormError("no readable images: every file was skipped or the set is empty")
+            raise no_readable_images(self.data)
         return torch.cat(taken)
+
+
+def first_images(data: Any, count: int) -> Any:
+    """The first `count` images of a tensor, or of a re-iterable of batches (a DataLoader), still re-iterable."""
+    if isinstance(data, torch.Tensor):
+        return data[:count]
+    return FirstImages(data, count)
+
+
+@dataclass
+class FirstImages:
+    """The first `count` images of a re-iterable of batches, as batches (with their labels, if any)."""
+
+    data: Any
+    count: int
+
+    def __iter__(self) -> Iterator[Any]:
+        seen = 0
+        for images, labels in Batches(self.data):
+            images = images[: self.count - seen]
+            yield images if labels is None else (images, labels[: len(images)])
+            seen += len(images)
+            if seen >= self.count:
+                return
+
+
+def no_readable_images(data: Any, purpose: str = "") -> RenormError:
+    """The error for images that yielded nothing: names the set and how many files were skipped as unreadable."""
+    data = data.data if isinstance(data, Batches) else data
+    purpose = f" {purpose}" if purpose else ""
+    if isinstance(data, ImageSource):
+        skipped = data.skipped
+        detail = (f"all {len(skipped)} files were unreadable and skipped (first: {skipped[0]})" if skipped
+                  else "the set is empty")
+        return RenormError(f"no readable images{purpose} in {data.name}: {detail}")
+    return RenormError(f"no images{purpose}: the {type(data).__name__} yielded none")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from renorm.data import Batches
+from renorm.data import Batches, no_readable_images
 from renorm.errors import RenormError
 from renorm.forward import as_logits, eval_mode, forward
 
@@ -29,7 +29,7 @@ def predict(model: nn.Module, images: Any, batch_size: int = 50, progress: bool 
             if batch_labels is not None:
                 labels.append(batch_labels)
     if not outputs:
-        raise RenormError("no readable images to evaluate on: every file was skipped or the set is empty")
+        raise no_readable_images(images, "to evaluate on")
     logits = torch.cat(outputs)
     if logits.dim() != 2:
         raise RenormError(f"the model's output has shape {tuple(logits.shape[1:])} per image; "

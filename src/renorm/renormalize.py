@@ -42,7 +42,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from renorm.data import Batches
+from renorm.data import Batches, no_readable_images
 from renorm.errors import RenormError
 from renorm.forward import eval_mode, forward
 from renorm.prune import HISTORY_ATTRIBUTE, kept_channels
@@ -136,7 +136,11 @@ def renormalize(model: nn.Module, images: Any, mode: str = "exact", reference: n
 def renormalize_with_summary(model: nn.Module, images: Any, mode: str = "exact", reference: nn.Module | None = None,
                              batch_size: int = 50, chunk: int = 64, inplace: bool = False,
                              progress: bool = False) -> tuple[nn.Module, dict[str, Any]]:
-    """renormalize(), and what it did: {"mode", "layers_updated", "not_run": [names], "shared": {name: calls per pass}}."""
+    """renormalize(), and what it did.
+
+    The summary: {"mode", "images", "layers_updated", "not_run": [names of BatchNorms that
+    never ran], "shared": {name: calls per forward pass, for those that ran more than once}}.
+    """
     if mode not in MODES:
         raise RenormError(f"unknown re-normalization mode {mode!r}; choose one of {', '.join(MODES)}")
     if chunk < 1:
@@ -146,7 +150,7 @@ def renormalize_with_summary(model: nn.Module, images: Any, mode: str = "exact",
                           "load the eager model instead (torchvision:NAME --weights FILE)")
     work = model if inplace else copy.deepcopy(model)
     work.eval()
-    summary: dict[str, Any] = {"mode": mode, "layers_updated": 0, "not_run": [], "shared": {}}
+    summary: dict[str, Any] = {"mode": mode, "images": 0, "layers_updated": 0, "not_run": [], "shared": {}}
     if mode == "none":
         return work, summary
     layers = batchnorm_layers(work)
@@ -158,7 +162,8 @@ def renormalize_with_summary(model: nn.Module, images: Any, mode: str = "exact",
     target = _targets(mode, layers, reference, getattr(work, HISTORY_ATTRIBUTE, None))
     stream = Batches(images, batch_size, progress, f"renormalize ({mode})")
     with eval_mode(reference):
-        calls, passes = _progressive_pass(work, layers, stream, chunk, target, reference if mode == "shift" else None)
+        calls, passes, summary["images"] = _progressive_pass(work, layers, stream, chunk, target,
+                                                             reference if mode == "shift" else None)
     summary["not_run"] = [name for name, _ in layers if calls[name] == 0]
     summary["shared"] = {name: count // passes for name, count in calls.items() if count > passes}
     summary["layers_updated"] = len(layers) - len(summary["not_run"])
@@ -177,10 +182,10 @@ def _warn_unusual(summary: dict[str, Any]) -> None:
 
 
 def _progressive_pass(work: nn.Module, layers: list, stream: Batches, chunk: int, target: "Target",
-                      reference: nn.Module | None) -> tuple[dict[str, int], int]:
+                      reference: nn.Module | None) -> tuple[dict[str, int], int, int]:
     """One pass in chunks; each BatchNorm takes its statistics from all inputs so far before it normalizes.
 
-    Returns how many times each BatchNorm ran, and the number of forward passes.
+    Returns how many times each BatchNorm ran, the number of forward passes, and of images.
     """
     moments = {name: Moments() for name, _ in layers}
     reference_moments = {name: Moments() for name, _ in batchnorm_layers(reference)} if reference is not None else {}
@@ -199,10 +204,10 @@ def _progressive_pass(work: nn.Module, layers: list, stream: Batches, chunk: int
     if reference is not None:
         handles += [module.register_forward_pre_hook(lambda _m, args, acc=reference_moments[name]: acc.add(args[0]))
                     for name, module in batchnorm_layers(reference)]
-    passes = 0
+    passes = count = 0
     try:
         for images in rechunk(stream.images(), chunk):
-            passes += 1
+            passes, count = passes + 1, count + len(images)
             if reference is not None:
                 forward(reference, images)
             forward(work, images)
@@ -210,8 +215,8 @@ def _progressive_pass(work: nn.Module, layers: list, stream: Batches, chunk: int
         for handle in handles:
             handle.remove()
     if passes == 0:
-        raise RenormError("no readable images to re-normalize on: every file was skipped or the set is empty")
-    return calls, passes
+        raise no_readable_images(stream, "to re-normalize on")
+    return calls, passes, count
 
 
 def rechunk(batches: Any, size: int):

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from renorm.data import Batches
+from renorm.data import Batches, no_readable_images
 from renorm.errors import RenormError
 from renorm.forward import eval_mode, forward
 from renorm.layers import quantizable_layers
@@ -118,16 +118,17 @@ def calibrate_activations(model: nn.Module, images: Any, config: ActivationQuant
     layers = quantizable_layers(model)
     detach(model)
     generator = torch.Generator().manual_seed(config.seed)
-    per_batch = max(1, config.max_samples // max(1, -(-config.num_images // batch_size)))
     samples: dict[str, list[torch.Tensor]] = {name: [] for name, _ in layers}
     max_abs = dict.fromkeys(samples, 0.0)
     negative = dict.fromkeys(samples, False)
 
     def collector(name: str):
         def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            # config.max_samples values per layer over config.num_images images, whatever the batches
+            budget = max(1, config.max_samples * len(args[0]) // config.num_images)
             x = args[0].detach().reshape(-1)
-            if x.numel() > per_batch:
-                x = x[torch.randint(x.numel(), (per_batch,), generator=generator)]
+            if x.numel() > budget:
+                x = x[torch.randint(x.numel(), (budget,), generator=generator)]
             samples[name].append(x.to(torch.float32).clone())
             max_abs[name] = max(max_abs[name], float(args[0].detach().abs().max()))
             negative[name] = negative[name] or bool((args[0] < 0).any())
@@ -147,7 +148,7 @@ def calibrate_activations(model: nn.Module, images: Any, config: ActivationQuant
         for handle in handles:
             handle.remove()
     if seen == 0:
-        raise RenormError("activation calibration got no images")
+        raise no_readable_images(images, "to calibrate activations on")
     for name, module in layers:
         values = torch.cat(samples[name])
         attach(module, fit_activation_scale(values, max_abs[name], negative[name], config.bits))
