@@ -10,7 +10,7 @@ One entry point, `load_model(spec, ...)`, serves the API and the CLI. A spec is 
 from __future__ import annotations
 
 import importlib
-import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +21,9 @@ import torchvision
 from torch import nn
 
 from renorm import export
-from renorm.checkpoint import LoadedModel, apply_state_dict, find_state_dict, load_state_dict_file
-from renorm.errors import RenormError
+from renorm.checkpoint import (LoadedModel, apply_state_dict, describe_file, find_state_dict,
+                               load_state_dict_file, read_torch_file)
+from renorm.errors import RenormError, one_line
 from renorm.images import PRESETS, Preset
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -86,7 +87,7 @@ def _no_extras(spec: str, weights: str | None, num_classes: int | None) -> None:
                           "or use torchvision:NAME for your own weights")
 
 
-def _torchvision(name: str, weights: str | None, num_classes: int | None) -> LoadedModel:
+def _torchvision(name: str, weights: str | None, num_classes: int | None, warn_random: bool = True) -> LoadedModel:
     available = torchvision.models.list_models(module=torchvision.models)
     if name not in available:
         close = [m for m in available if name.split("_")[0] in m][:8]
@@ -109,6 +110,9 @@ def _torchvision(name: str, weights: str | None, num_classes: int | None) -> Loa
         model = torchvision.models.get_model(name, weights=None, **kwargs)
         if weights is not None:
             load_state_dict_file(model, Path(weights).expanduser(), f"torchvision:{name}")
+        elif warn_random:
+            warnings.warn(f"torchvision:{name} has random weights: no --weights given (a state_dict file, or a "
+                          "torchvision weights name such as DEFAULT)", stacklevel=3)
     return LoadedModel(model, f"torchvision:{name}", PRESETS["imagenet"], num_classes,
                        {"kind": "torchvision", "name": name, "num_classes": num_classes})
 
@@ -144,24 +148,22 @@ def _efficientnet_lite(name: str) -> LoadedModel:
 def _from_file(path: Path, weights: str | None, num_classes: int | None, trust_pickle: bool) -> LoadedModel:
     if path.is_dir():
         raise RenormError(f"{path} is a folder; MODEL must be a spec or a model file")
+    found = describe_file(path)
+    if found is not None:
+        raise RenormError(f"model file {path} is {found}, not a model: give torchvision:NAME, a reference model, "
+                          "or a file written by torch.save or renorm compress --out")
     if _is_torchscript(path):
         _no_extras(str(path), weights, num_classes)
         try:
             model = torch.jit.load(str(path), map_location="cpu")
         except Exception as error:  # noqa: BLE001
-            raise RenormError(f"cannot load TorchScript archive {path}: {error}") from None
+            raise RenormError(f"cannot load TorchScript archive {path}: {one_line(error)}") from None
         return LoadedModel(model, str(path), PRESETS["imagenet"], None, {"kind": "torchscript", "path": str(path)})
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        if not trust_pickle:
-            raise RenormError(f"{path} is a pickled Python object; unpickling runs code from the file. "
-                              "If you trust it, pass --trust-pickle; else save a state_dict and use "
-                              "torchvision:NAME --weights FILE") from None
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # noqa: BLE001
-        raise RenormError(f"cannot read model file {path}: {error}") from None
+    obj = read_torch_file(path, "model file", trust_pickle, untrusted="is a pickled Python object; unpickling runs "
+                          "code from the file. If you trust it, pass --trust-pickle; else save a state_dict and use "
+                          "torchvision:NAME --weights FILE")
     if isinstance(obj, dict) and "renorm_format" in obj:
+        _no_extras(str(path), weights, num_classes)
         return export.load_compressed(obj, path, _rebuild, trust_pickle=trust_pickle)
     if isinstance(obj, nn.Module):
         _no_extras(str(path), weights, num_classes)
@@ -176,7 +178,7 @@ def _rebuild(source: dict[str, Any]) -> nn.Module:
     """The architecture a renorm file names (its weights come from the file)."""
     kind = source.get("kind")
     if kind == "torchvision":
-        return _torchvision(source["name"], None, source.get("num_classes")).model
+        return _torchvision(source["name"], None, source.get("num_classes"), warn_random=False).model
     if kind in ("reference", "efficientnet-lite"):
         return load_model(source["name"]).model
     raise RenormError(f"the file names an unknown model kind {kind!r}")

@@ -21,15 +21,15 @@ SCHEMES = ("pow2", "uniform", "minmax")
 BITS_RANGE = {"pow2": (2, 6), "uniform": (2, 8), "minmax": (2, 8)}
 
 
-def check_bits(scheme: str, bits: int) -> None:
-    """Raise a RenormError unless `bits` is valid for `scheme`."""
+def check_bits(scheme: str, bits: int, flag: str = "--wbits", float_value: int = 32) -> None:
+    """Raise a RenormError naming `flag` unless `bits` is valid for `scheme` (float_value means float)."""
     if scheme not in SCHEMES:
         raise RenormError(f"unknown weight scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
     low, high = BITS_RANGE[scheme]
     if not low <= bits <= high:
         extra = "; use --scheme uniform for 7 or 8 bits" if scheme == "pow2" and bits > high else ""
-        raise RenormError(f"--wbits {bits} is out of range for {scheme}: choose {low}..{high} "
-                          f"(or 32 to leave weights in float){extra}")
+        raise RenormError(f"{flag} {bits} is out of range for {scheme}: choose {low}..{high} "
+                          f"(or {float_value} to leave weights in float){extra}")
 
 
 def top_code(scheme: str, bits: int) -> int:
@@ -209,7 +209,7 @@ class WeightQuantConfig:
         if self.bits != 32:
             check_bits(self.scheme, self.bits)
         if self.first_last_bits != 0:
-            check_bits("uniform", self.first_last_bits)
+            check_bits("uniform", self.first_last_bits, "--first-last-bits", 0)
 
 
 ATTRIBUTE = "_renorm_quantized"  # where a module keeps its QuantizedWeight
