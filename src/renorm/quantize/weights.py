@@ -63,7 +63,8 @@ def nearest_levels(x: torch.Tensor, scheme: str, bits: int) -> torch.Tensor:
         # Between 2^k and 2^(k+1) the midpoint is 1.5 * 2^k; below 0.5 the nearest level is 0.
         exponent = _floor_log2(magnitude * (4.0 / 3.0)).clamp(0, top - 1)
         return torch.where(magnitude >= 0.5, _exp2_int(exponent), 0.0).copysign(x)
-    # Round half away from zero, as the boundary search in _fit_rows does.
+    # Round half away from zero, as the boundary search in _fit_rows does (torch.fake_quantize_per_channel_affine
+    # rounds half to even: it gives another level at exact ties, so it is not used here).
     return torch.floor(x.abs() + 0.5).clamp(max=top).copysign(x)
 
 
