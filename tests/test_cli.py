@@ -176,7 +176,8 @@ def test_layer_name_typos_and_chunk_are_checked_before_any_pass_over_data(capsys
             "--resize", "32", "--crop", "32", "--quiet"]
     for extra, fragment in ((["--exclude", "layer1.0.conv9"], "--exclude names no conv/linear layer 'layer1.0.conv9'"),
                             (["--prune", "0.3", "--prune-exclude", "fc2"], "--prune-exclude names no conv/linear"),
-                            (["--chunk", "0"], "--chunk must be at least 1")):
+                            (["--chunk", "0"], "--chunk must be at least 1"),
+                            (["--out", str(folder / "missing" / "m.pt")], "does not exist; create it first")):
         code, out, err = main(capsys, *base, *extra)
         assert code == 2 and fragment in err, err
 

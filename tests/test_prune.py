@@ -66,6 +66,8 @@ def test_filter_pruning_gives_a_smaller_model_that_runs_saves_and_reloads(arch, 
     assert report["params_after"] < 0.45 * report["params_before"]
     assert report["macs_after"] < 0.45 * report["macs_before"]
     assert report["bytes_after"] < 0.5 * report["bytes_before"]
+    convs = [m for m in pruned.modules() if isinstance(m, nn.Conv2d)]
+    assert all(m.out_channels % 8 == 0 for m in convs)  # kept channel counts are multiples of 8
     torch.save(pruned.state_dict(), tmp_path / "p.pt")
     fresh = torchvision.models.get_model(arch, num_classes=10)
     apply_pruned_channels(fresh, pruned._renorm_pruned_channels)

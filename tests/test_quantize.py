@@ -227,3 +227,14 @@ def test_activation_sample_budget_follows_the_real_batches(small_net, images, mo
     loader = DataLoader(TensorDataset(images[:40]), batch_size=1)
     A.calibrate_activations(small_net, loader, A.ActivationQuantConfig(bits=8, num_images=40, max_samples=400))
     assert len(kept) == 4 and max(kept) <= 400  # the old code kept all 432 x 40 values of conv1's input
+
+
+def test_excluded_layers_stay_in_float_depthwise_included():
+    """--exclude leaves a layer's weights exactly as they were (the README said '8 bits with --exclude')."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 8, 1), nn.Flatten(),
+                          nn.LazyLinear(4))
+    model(torch.randn(1, 3, 8, 8))
+    q = W.quantize_weights(model, W.WeightQuantConfig(bits=4, exclude=("1",)))
+    assert torch.equal(q[1].weight, model[1].weight) and not hasattr(q[1], "_renorm_quantized")
+    assert {r["layer"]: r["bits"] for r in W.weight_quantization_stats(q)} == {"0": 8, "2": 4, "4": 8}
