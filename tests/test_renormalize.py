@@ -269,15 +269,15 @@ def test_wrong_image_size_is_a_clear_error(images):
 class TwoConvs(nn.Module):
     """Fresh BatchNorms: every channel stores the same numbers (mean 0, var 1, weight 1, bias 0)."""
 
-    def __init__(self):
+    def __init__(self, width: int = 16):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(16)
-        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, 16, 3, padding=1)
         self.bn2 = nn.BatchNorm2d(16)
         self.fc = nn.Linear(16, 4)
         with torch.no_grad():
-            self.conv1.weight[:8] *= 0.01  # the L1 criterion removes channels 0..7 of conv1
+            self.conv1.weight[:8] *= 0.01  # the L1 criterion removes channels 0..7 of conv1 first
             self.conv1.bias[:8] = 0
 
     def forward(self, x):
@@ -299,6 +299,26 @@ def test_shift_after_filter_pruning_uses_the_recorded_channels_when_rows_tie(ima
     # bn1's kept inputs are exactly FP32's channels 8..15: shift must leave FP32's stored statistics
     torch.testing.assert_close(out.bn1.running_mean, torch.zeros(8), rtol=0, atol=1e-5)
     torch.testing.assert_close(out.bn1.running_var, torch.ones(8), rtol=1e-5, atol=1e-6)
+
+
+def test_shift_after_pruning_an_already_pruned_model_replays_only_the_new_step(images):
+    """compress --prune filter --renorm shift on a model renorm had filter-pruned before: the
+    reference carries the first step of the record, the compressed model both."""
+    pytest.importorskip("torch_pruning")
+    from renorm.api import Config, compress
+    from renorm.prune import PruneConfig, prune
+
+    torch.manual_seed(0)
+    once, _ = prune(TwoConvs(width=32).eval(), PruneConfig(0.25, "filter", prune_first_last=True),
+                    example=images[:4], latency_repeats=1)
+    assert once.conv1.out_channels == 24
+    result = compress(once, images, Config(wbits=32, prune=0.34, prune_type="filter", prune_first_last=True,
+                                           renorm="shift", batch_size=32))
+    twice = result.model
+    kept = twice.conv1.out_channels
+    assert kept < 24 and len(twice._renorm_pruned_channels) == 2
+    torch.testing.assert_close(twice.bn1.running_mean, torch.zeros(kept), rtol=0, atol=1e-5)
+    torch.testing.assert_close(twice.bn1.running_var, torch.ones(kept), rtol=1e-5, atol=1e-6)
 
 
 def test_shift_refuses_to_guess_between_tied_channels_of_a_model_pruned_elsewhere(images):

@@ -45,7 +45,7 @@ from torch import nn
 from renorm.data import Batches, no_readable_images
 from renorm.errors import RenormError
 from renorm.forward import eval_mode, forward
-from renorm.prune import HISTORY_ATTRIBUTE, kept_channels
+from renorm.prune import HISTORY_ATTRIBUTE, kept_channels, pruning_steps
 
 MODES = ("exact", "shift", "none")
 _DEAD = 1e-10  # a channel whose variance is below this fraction of its layer's mean variance
@@ -328,8 +328,9 @@ def _kept_channels(layers: list, reference_layers: dict, reference: nn.Module, r
     pruned = [(name, m) for name, m in layers if m.num_features != reference_layers[name].num_features]
     if not pruned:
         return {}
-    if record is not None:
-        recorded = kept_channels(reference, record)
+    steps, done = pruning_steps(record), pruning_steps(getattr(reference, HISTORY_ATTRIBUTE, None))
+    if steps and steps[:len(done)] == done:  # the reference may itself be an earlier step of the record
+        recorded = kept_channels(reference, steps[len(done):])
         for name, module in pruned:
             if name not in recorded or len(recorded[name]) != module.num_features:
                 raise RenormError(f"shift re-normalization: the model's pruning record does not lead from the "
