@@ -38,6 +38,11 @@ class DictNet(SmallNet):
         return {"scores": y, "probabilities": y.softmax(1)}
 
 
+class TwoInputs(SmallNet):
+    def forward(self, x, mask):
+        return super().forward(x * mask)
+
+
 class FixedSize(nn.Module):
     """Takes 30x30 images only (a flatten into a linear layer)."""
 
@@ -84,7 +89,7 @@ def ws(tmp_path_factory) -> Path:
     (root / "cut.pt").write_bytes((root / "w3.pt").read_bytes()[:5000])
     (root / "random.pt").write_bytes(bytes(range(256)) * 8)
     for name, model in (("pickled.pt", SmallNet()), ("half.pt", SmallNet().half()), ("pair.pt", PairNet()),
-                        ("dictout.pt", DictNet()), ("fixed.pt", FixedSize())):
+                        ("dictout.pt", DictNet()), ("fixed.pt", FixedSize()), ("two.pt", TwoInputs())):
         torch.save(model.eval(), root / name)
     traced = torch.jit.trace(SmallNet().eval(), torch.randn(1, 3, 16, 16))
     torch.jit.save(traced, str(root / "ts.pt"))
@@ -136,6 +141,9 @@ CLI: dict[str, tuple[Callable[[Path], list[str]], str]] = {
                                            "--eval", str(w / "labeled")], "returns a tuple of 2"),
     "model returning a dict": (lambda w: ["compress", *pickled(w, "dictout.pt"), "--calib", str(w / "photos"),
                                           "--eval", str(w / "labeled")], "returns a dict with keys 'scores'"),
+    "model whose forward takes two inputs": (lambda w: ["compress", *pickled(w, "two.pt"), "--calib",
+                                                        str(w / "photos")], "the model failed on images of shape "
+                                                                            "(3, 16, 16): TypeError"),
     "images of the wrong size": (lambda w: ["compress", *pickled(w, "fixed.pt"), "--calib", str(w / "photos")],
                                  "do not fit the model"),
     # compress: nonsense flags and values

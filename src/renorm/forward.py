@@ -37,10 +37,12 @@ def eval_mode(*models: nn.Module | None) -> Iterator[None]:
 
 
 def forward(model: nn.Module, images: torch.Tensor) -> Any:
-    """model(images); a RuntimeError from torch becomes a one-line RenormError that says what to change."""
+    """model(images); an error raised in it becomes a one-line RenormError that says what to change."""
     try:
         return model(images)
-    except RuntimeError as error:
+    except RenormError:
+        raise
+    except Exception as error:  # noqa: BLE001 - the model's own code may raise anything
         raise RenormError(explain_failure(model, images, error)) from None
 
 
@@ -57,10 +59,11 @@ def explain_failure(model: nn.Module, images: torch.Tensor, error: BaseException
     if len(devices) == 1 and images.device not in devices:
         return (f"the model is on {_name(*devices)} but the images are on {_name(images.device)}; "
                 f"move the model to the CPU first (model.cpu())")
-    if _SHAPE_ERROR.search(first):
+    if isinstance(error, RuntimeError) and _SHAPE_ERROR.search(first):
         return (f"images of shape {tuple(images.shape[1:])} do not fit the model ({first}); "
                 "set --resize/--crop to the model's input size")
-    return f"the model failed on images of shape {tuple(images.shape[1:])}: {message}"
+    kind = "" if isinstance(error, RuntimeError) else f"{type(error).__name__}: "
+    return f"the model failed on images of shape {tuple(images.shape[1:])}: {kind}{message}"
 
 
 def _name(value: Any) -> str:
