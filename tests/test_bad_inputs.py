@@ -257,6 +257,8 @@ def api_cases() -> dict[str, tuple[Callable[[Path], object], str]]:
         "API: shift without a reference": (lambda w: renormalize(SmallNet(), images, "shift"), "reference"),
         "API: load a JPEG": (lambda w: load_model(str(w / "photo.jpg")), "JPEG image"),
         "API: half-precision model": (lambda w: renormalize(SmallNet().half(), images), "float16"),
+        "API: batch_size=0": (lambda w: renormalize(SmallNet(), images, batch_size=0), "--batch-size must be at "
+                                                                                       "least 1"),
     }
 
 

@@ -247,6 +247,8 @@ class Batches:
         if isinstance(data, Iterator):
             raise RenormError("images must be re-iterable (a DataLoader, list, tensor or ImageSource), "
                               "not a one-shot iterator or generator: renormalize reads them more than once")
+        if batch_size < 1:
+            raise RenormError(f"--batch-size must be at least 1, got {batch_size}")
         self.data, self.batch_size, self.progress, self.desc = data, batch_size, progress, desc
 
     @property
