@@ -67,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-images", type=int, default=400, help="images to calibrate activations (default 400)")
     q.add_argument("--exclude", nargs="+", default=[], help="layer names to leave in float")
     r = compress.add_argument_group("re-normalization")
-    r.add_argument("--renorm", default="exact", choices=MODES, help="exact (default: re-estimate from the images), shift "
-                   "(correct the trained statistics by the shift compression caused; for few or unlike images), none")
+    r.add_argument("--renorm", default="exact", choices=MODES, help="exact (default: re-estimate from the "
+                   "images), shift (correct the trained statistics by the shift compression caused; for few or "
+                   "unlike images), none")
     r.add_argument("--chunk", type=int, default=64, help="images per progressive re-estimation step "
                    "(default 64; memory is one chunk; the result does not depend on --batch-size)")
     p = compress.add_argument_group("pruning")

@@ -262,7 +262,8 @@ def matched_channels(original: nn.modules.batchnorm._BatchNorm, pruned: nn.modul
         candidates = lookup.get(row, [])
         if len(candidates) < count:
             raise RenormError(f"a BatchNorm with {pruned.num_features} channels is not a pruned copy of the "
-                              f"reference's with {original.num_features}: its stored numbers differ (use --renorm exact)")
+                              f"reference's with {original.num_features}: its stored numbers differ "
+                              "(use --renorm exact)")
         if len(candidates) > count:
             raise RenormError(f"{len(candidates)} channels of the reference share the same stored numbers and "
                               f"{count} of them were kept: which ones cannot be told from the numbers "

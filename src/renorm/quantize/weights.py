@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from renorm.errors import RenormError
-from renorm.layers import QUANTIZABLE, check_layer_names, first_and_last, quantizable_layers  # noqa: F401 (QUANTIZABLE: its old home)
+# QUANTIZABLE is imported for code that still looks for it here, its old home.
+from renorm.layers import QUANTIZABLE, check_layer_names, first_and_last, quantizable_layers  # noqa: F401
 
 SCHEMES = ("pow2", "uniform", "minmax")
 BITS_RANGE = {"pow2": (2, 6), "uniform": (2, 8), "minmax": (2, 8)}
