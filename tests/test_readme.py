@@ -71,3 +71,10 @@ def test_numbers_in_the_results_summary_come_from_docs_results(number):
         assert a in results and b in results and f"{abs(float(a) - float(b)):.2f}" == number
     else:
         assert number in results, number
+
+
+def test_the_readme_says_exclude_means_float():
+    """The old README promised depthwise layers 'at 8 bits with --exclude'; --exclude leaves a layer
+    in float (test_quantize::test_excluded_layers_stay_in_float_depthwise_included)."""
+    sentences = [s for s in re.split(r"(?<=[.;])\s", " ".join(README.split())) if "`--exclude" in s]
+    assert sentences and all("float" in s and "8 bits" not in s for s in sentences), sentences
