@@ -1,1 +1,1 @@
-"""Scripts that regenerate every table and plot in the README (see benchmarks/README.md)."""
+"""Scripts that regenerate every table and plot in docs/RESULTS.md (see benchmarks/README.md)."""

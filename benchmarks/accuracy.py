@@ -25,12 +25,13 @@ MODES = ("none", "exact", "shift")
 def evaluate_config(fp32, calib, test_x, test_y, bits: int, scheme: str, abits: int | None = None) -> dict:
     """Top-1 after quantization with each re-normalization mode (and A8 after exact/shift)."""
     quantized = copy_of(fp32)
-    quantize_weights(quantized, WeightQuantConfig(bits=bits, scheme=scheme))
+    quantize_weights(quantized, WeightQuantConfig(bits=bits, scheme=scheme), inplace=True)
     result = {}
     for mode in MODES:
         model = renormalize(quantized, calib, mode, reference=fp32, batch_size=50)
         if abits:
-            calibrate_activations(model, calib, ActivationQuantConfig(bits=abits, num_images=400), batch_size=50)
+            calibrate_activations(model, calib, ActivationQuantConfig(bits=abits, num_images=400), batch_size=50,
+                                  inplace=True)
         result[mode] = top1(model, test_x, test_y)
     return result
 

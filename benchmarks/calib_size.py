@@ -28,7 +28,7 @@ MANY = 256  # from this size on one draw: three draws where the draw matters mos
 
 def compressions(fp32):
     w3 = copy_of(fp32)
-    quantize_weights(w3, WeightQuantConfig(bits=3, scheme="uniform"))
+    quantize_weights(w3, WeightQuantConfig(bits=3, scheme="uniform"), inplace=True)
     sparse = copy_of(fp32)
     magnitude_prune(sparse, PruneConfig(0.7))
     return {"W3 uniform": w3, "70% unstructured": sparse}

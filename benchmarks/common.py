@@ -16,6 +16,7 @@ from torch import nn
 
 from renorm.data import PRESETS, Batches, open_images, sample
 from renorm.evaluate import accuracy, agreement, predict
+from renorm.files import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
@@ -93,17 +94,12 @@ def write_result(name: str, title: str, command: str, body: str, data: Any = Non
     RESULTS.mkdir(parents=True, exist_ok=True)
     text = f"## {title}\n\nRegenerate: `{command}` ({provenance()})\n\n{body}\n"
     path = RESULTS / f"{name}.md"
-    _atomic_write(path, text)
+    write_atomic(path, lambda handle: handle.write(text.encode("utf-8")))
     if data is not None:
-        _atomic_write(RESULTS / f"{name}.json", json.dumps(data, indent=2) + "\n")
+        raw = json.dumps(data, indent=2) + "\n"
+        write_atomic(RESULTS / f"{name}.json", lambda handle: handle.write(raw.encode("utf-8")))
     print(text, flush=True)
     return path
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def command_line() -> str:

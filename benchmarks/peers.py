@@ -100,7 +100,7 @@ def compressions(fp32, example, rows=None):
     """(label, compressed model) for each row, or for those named in `rows`."""
     def quantized(bits, scheme):
         model = copy_of(fp32)
-        quantize_weights(model, WeightQuantConfig(bits=bits, scheme=scheme))
+        quantize_weights(model, WeightQuantConfig(bits=bits, scheme=scheme), inplace=True)
         return model
 
     def sparse(fraction):
@@ -170,9 +170,9 @@ def aimet_w4a8(fp32, calib, reestimate: bool):
 
 def renorm_pipeline(fp32, calib, bits, scheme, mode):
     model = copy_of(fp32)
-    quantize_weights(model, WeightQuantConfig(bits=bits, scheme=scheme))
+    quantize_weights(model, WeightQuantConfig(bits=bits, scheme=scheme), inplace=True)
     model = renormalize(model, calib, mode, reference=fp32, batch_size=50)
-    calibrate_activations(model, calib, ActivationQuantConfig(bits=8, num_images=400), batch_size=50)
+    calibrate_activations(model, calib, ActivationQuantConfig(bits=8, num_images=400), batch_size=50, inplace=True)
     return model
 
 

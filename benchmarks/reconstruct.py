@@ -33,7 +33,7 @@ from renorm.data import Batches, open_images
 from renorm.evaluate import predict
 from renorm.models import load_model
 from renorm.quantize.activations import ActivationQuantConfig, calibrate_activations
-from renorm.quantize.bits import parse_layer_bits
+from renorm.quantize.plan import parse_layer_bits
 from renorm.quantize.weights import WeightQuantConfig, quantize_weights
 from renorm.renormalize import renormalize
 from renorm.report import stage

@@ -93,7 +93,7 @@ def main() -> None:
         compressed = {}
         for bits in (2,):
             model = copy_of(fp32)
-            quantize_weights(model, WeightQuantConfig(bits=bits, scheme="uniform"))
+            quantize_weights(model, WeightQuantConfig(bits=bits, scheme="uniform"), inplace=True)
             compressed[f"W{bits} uniform"] = model
         sparse = copy_of(fp32)
         magnitude_prune(sparse, PruneConfig(0.7))

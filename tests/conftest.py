@@ -62,3 +62,13 @@ def write_image(path, size=(40, 30), mode="RGB", seed=0) -> None:
     channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
     array = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
     Image.fromarray(array.squeeze(-1) if channels == 1 else array, mode).save(path)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Print the size and outcome of the bad-input matrix (tests/test_bad_inputs.py) after every run."""
+    reports = [report for key in ("passed", "failed") for report in terminalreporter.stats.get(key, [])
+               if "test_bad_inputs.py::test_bad_input[" in report.nodeid and report.when == "call"]
+    if reports:
+        passed = sum(report.passed for report in reports)
+        terminalreporter.write_line(f"bad-input matrix: {len(reports)} cases, {passed} passed (exit 2 or RenormError, "
+                                    "one line, nothing left behind, inputs unchanged)")

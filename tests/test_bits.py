@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from renorm.errors import RenormError
-from renorm.quantize.bits import allocate, allocate_bits, parse_layer_bits, plot_frontier
+from renorm.quantize.allocation import allocate, allocate_bits, plot_frontier
+from renorm.quantize.plan import parse_layer_bits
 from renorm.quantize.weights import ATTRIBUTE, WeightQuantConfig, quantize_weights
 from test_reconstruct import DepthwiseNet
 

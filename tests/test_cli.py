@@ -38,52 +38,8 @@ def folder(tmp_path_factory):
 
 
 def test_missing_model_file(folder):
+    """End to end in a fresh process; tests/test_bad_inputs.py runs the whole bad-input matrix in process."""
     assert_clean_error(run("compress", "/nonexistent/model.pt", "--calib", str(folder)), "unknown model")
-
-
-def test_unknown_spec(folder):
-    assert_clean_error(run("compress", "torchvision:resnet19", "--calib", str(folder)), "resnet19")
-
-
-def test_weights_that_do_not_fit(tmp_path, folder):
-    torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), tmp_path / "w.pt")
-    assert_clean_error(run("compress", "torchvision:resnet18", "--weights", str(tmp_path / "w.pt"),
-                           "--calib", str(folder)), "do not fit", "--num-classes")
-
-
-@pytest.mark.parametrize("bits", ["1", "9"])
-def test_weight_bits_out_of_range(bits, folder):
-    assert_clean_error(run("compress", "torchvision:resnet18", "--calib", str(folder), "--wbits", bits,
-                           "--scheme", "uniform"), f"--wbits {bits}")
-
-
-def test_empty_and_missing_image_folders(tmp_path):
-    (tmp_path / "empty").mkdir()
-    assert_clean_error(run("compress", "torchvision:resnet18", "--calib", str(tmp_path / "empty")), "no images")
-    assert_clean_error(run("compress", "torchvision:resnet18", "--calib", str(tmp_path / "gone")), "does not exist")
-
-
-def test_images_of_the_wrong_size_for_the_model(tmp_path, folder):
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
-                                torch.nn.Linear(4 * 30 * 30, 3))
-    torch.save(model, tmp_path / "fixed.pt")
-    assert_clean_error(run("compress", str(tmp_path / "fixed.pt"), "--trust-pickle", "--calib", str(folder),
-                           "--resize", "40", "--crop", "40", "--wbits", "8", "--scheme", "uniform", "--quiet"),
-                       "do not fit the model", "--crop")
-
-
-def test_pickle_without_trust(tmp_path, folder):
-    torch.save(torchvision.models.resnet18(num_classes=2), tmp_path / "m.pt")
-    assert_clean_error(run("compress", str(tmp_path / "m.pt"), "--calib", str(folder)), "--trust-pickle")
-
-
-def test_bad_flags_and_pruning_values(folder):
-    assert_clean_error(run("compress", "torchvision:resnet18", "--calib", str(folder), "--renorm", "magic"), "magic")
-    assert_clean_error(run("compress", "torchvision:resnet18", "--calib", str(folder), "--prune", "1.5"), "[0, 1)")
-    assert_clean_error(run("compress", "torchvision:resnet18", "--calib", str(folder), "--prune", "0.5",
-                           "--prune-exclude", "layer9"), "layer9")
-    assert_clean_error(run("compress", "torchvision:resnet18", "--calib", str(folder), "--wbits", "four"), "four")
-    assert_clean_error(run("compress", "torchvision:resnet18"), "--calib")
 
 
 def test_out_never_overwrites_the_input(tmp_path, folder):
@@ -91,7 +47,7 @@ def test_out_never_overwrites_the_input(tmp_path, folder):
     before = (tmp_path / "w.pt").read_bytes()
     result = run("compress", "torchvision:resnet18", "--num-classes", "3", "--weights", str(tmp_path / "w.pt"),
                  "--calib", str(folder), "--resize", "32", "--crop", "32", "--out", str(tmp_path / "w.pt"), "--quiet")
-    assert_clean_error(result, "input model")
+    assert_clean_error(result, "input of this run")
     assert (tmp_path / "w.pt").read_bytes() == before
 
 
@@ -112,8 +68,8 @@ def test_compress_then_evaluate_the_saved_model(tmp_path, folder):
     assert len(report["weights"]) == 21 and report["stages"]["renormalize"]["seconds"] > 0
     assert "| stage |" in result.stdout
     evaluated = run("evaluate", str(tmp_path / "q.pt"), "--data", str(folder), "--reference", "torchvision:resnet18",
-                    "--num-classes", "4", "--weights", str(tmp_path / "w.pt"), "--report", str(tmp_path / "e.json"),
-                    *common)
+                    "--reference-num-classes", "4", "--reference-weights", str(tmp_path / "w.pt"),
+                    "--report", str(tmp_path / "e.json"), *common)
     assert evaluated.returncode == 0, evaluated.stderr
     again = json.loads((tmp_path / "e.json").read_text())["accuracy"]["model"]
     assert again["agreement_top1"] == pytest.approx(report["accuracy"]["final"]["agreement_top1"])
@@ -143,3 +99,94 @@ def test_torchscript_can_be_evaluated_but_not_compressed(tmp_path):
                  "fashion-mnist", "--quiet", "--batch-size", "500")
     assert result.returncode == 0, result.stderr
     assert "top-1" in result.stdout
+
+
+# --------------------------------------------------------------------------- in-process: the contracts of each command
+def main(capsys, *args: str) -> tuple[int, str, str]:
+    from renorm import cli
+
+    code = cli.main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_evaluate_loads_the_reference_with_its_own_weights(tmp_path, folder, capsys):
+    """The old evaluate loaded --reference with the model's --weights: two sets of weights of one
+    architecture agreed 100%."""
+    for seed, name in ((0, "a.pt"), (1, "b.pt")):
+        torch.manual_seed(seed)
+        torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), tmp_path / name)
+    common = ["--resize", "32", "--crop", "32", "--quiet", "--batch-size", "6"]
+    code, out, err = main(capsys, "evaluate", "torchvision:resnet18", "--num-classes", "3", "--weights",
+                          str(tmp_path / "a.pt"), "--data", str(folder), "--reference", "torchvision:resnet18",
+                          "--reference-weights", str(tmp_path / "b.pt"), "--reference-num-classes", "3",
+                          "--report", str(tmp_path / "r.json"), *common)
+    assert code == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["accuracy"]["model"]["kl"] > 0.001
+    assert report["reference"] == {"spec": "torchvision:resnet18", "weights": str(tmp_path / "b.pt"),
+                                   "num_classes": 3}
+    code, out, err = main(capsys, "evaluate", "torchvision:resnet18", "--num-classes", "3", "--weights",
+                          str(tmp_path / "a.pt"), "--data", str(folder), "--reference", "torchvision:resnet18",
+                          "--reference-weights", str(tmp_path / "a.pt"), "--reference-num-classes", "3", *common)
+    assert code == 0 and "| model | 100.00 | 100.00 | 0.0000 |" in out, out
+
+
+def test_sensitivity_readme_example_prints_its_table_and_writes_the_report(tmp_path, capsys, monkeypatch):
+    """The README's example died with KeyError: 'skipped' after writing the plot (exit 1, a traceback)."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = main(capsys, "sensitivity", "fmnist-resnet18", "--calib", "fashion-mnist:train",
+                          "--plot", "s.png", "--num-images", "24", "--sparsities", "0.9", "--quiet",
+                          "--report", "r.json")
+    assert code == 0, err
+    assert "calibration: 24 images from fashion-mnist" in out and "| layer | 90% pruned |" in out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert len(report["sensitivity"]) == 21 and report["calibration"]["skipped"] == 0
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_every_option_has_help_and_choices_show_in_usage(capsys):
+    """--seed, --batch-size and --sparsities had no help; choices were not in the usage."""
+    from renorm.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    for name, sub in commands.items():
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"renorm {name} {action.option_strings[0]} has no help"
+    usage = commands["compress"].format_help()
+    for choices in ("{pow2,uniform,minmax}", "{exact,shift,none}", "{unstructured,filter}", "{l1,l2,bn}"):
+        assert choices in usage, choices
+
+
+def test_first_last_bits_are_named_as_such(capsys, folder):
+    """--first-last-bits 1 was reported as '--wbits 1'."""
+    code, out, err = main(capsys, "compress", "torchvision:resnet18", "--calib", str(folder), "--first-last-bits", "1")
+    assert code == 2 and err.startswith("renorm: error: --first-last-bits 1 is out of range")
+
+
+def test_layer_name_typos_and_chunk_are_checked_before_any_pass_over_data(capsys, monkeypatch, folder):
+    """A typo in --exclude/--prune-exclude or --chunk 0 was reported after the whole FP32 evaluation."""
+    def no_pass(*args, **kwargs):
+        raise AssertionError("a pass over the data ran before the options were checked")
+
+    monkeypatch.setattr("renorm.api.predict", no_pass)  # the FP32 evaluation, the first pass
+    base = ["compress", "torchvision:resnet18", "--num-classes", "3", "--calib", str(folder), "--eval", str(folder),
+            "--resize", "32", "--crop", "32", "--quiet"]
+    for extra, fragment in ((["--exclude", "layer1.0.conv9"], "--exclude names no conv/linear layer 'layer1.0.conv9'"),
+                            (["--prune", "0.3", "--prune-exclude", "fc2"], "--prune-exclude names no conv/linear"),
+                            (["--chunk", "0"], "--chunk must be at least 1"),
+                            (["--out", str(folder / "missing" / "m.pt")], "does not exist; create it first")):
+        code, out, err = main(capsys, *base, *extra)
+        assert code == 2 and fragment in err, err
+
+
+def test_random_torchvision_weights_are_said_once(capsys, folder):
+    code, out, err = main(capsys, "compress", "torchvision:resnet18", "--num-classes", "3", "--calib", str(folder),
+                          "--wbits", "32", "--resize", "32", "--crop", "32", "--quiet")
+    assert code == 0
+    assert [line for line in err.splitlines() if "random weights" in line] == [
+        "renorm: warning: torchvision:resnet18 has random weights: no --weights given (a state_dict file, or a "
+        "torchvision weights name such as DEFAULT)"]
+    assert "evaluation: none (add --eval DATA to measure each stage)" in out

@@ -122,3 +122,13 @@ def test_batches_of_tensors_loaders_and_first():
     assert torch.equal(Batches([(x, torch.zeros(10))]).first(20), x)
     with pytest.raises(RenormError, match="re-iterable"):
         Batches(iter([x]))
+
+
+def test_no_readable_images_names_the_folder_and_the_skipped_count(tmp_path):
+    """The old message named neither the folder nor how many files were skipped."""
+    for name in ("a.jpg", "b.png"):
+        (tmp_path / name).write_bytes(b"not an image")
+    source = open_images(str(tmp_path), SMALL, labeled=False)
+    with pytest.raises(RenormError, match=rf"no readable images in {tmp_path}: all 2 files were unreadable and "
+                                          r"skipped \(first: .*a\.jpg\)"):
+        Batches(source, 4).first(1)

@@ -80,3 +80,27 @@ def test_efficientnet_lite0_real_weights():
     assert 4.5e6 < params < 4.8e6
     with pytest.raises(RenormError, match="own weights"):
         load_model("efficientnet-lite0", num_classes=10)
+
+
+def test_files_that_are_not_torch_files_are_named_before_torch_reads_them(tmp_path):
+    """A JPEG given as the model was called 'a pickled Python object ... pass --trust-pickle';
+    with --trust-pickle it died with a traceback."""
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.jpg")
+    (tmp_path / "notes.pt").write_text("epoch 3: loss 0.2\n")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    torch.save(SmallNet().state_dict(), tmp_path / "whole.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:2000])
+    for name, what in (("photo.jpg", "a JPEG image"), ("notes.pt", "a text file"), ("empty.pt", "an empty file"),
+                       ("cut.pt", r"a damaged or truncated zip archive \(a torch file cut short\?\)")):
+        for trust in (False, True):
+            with pytest.raises(RenormError, match=f"is {what}, not a model"):
+                load_model(str(tmp_path / name), trust_pickle=trust)
+    with pytest.raises(RenormError, match="weights file .*photo.jpg is a JPEG image"):
+        load_model("torchvision:resnet18", weights=str(tmp_path / "photo.jpg"))
+
+
+def test_torchvision_without_weights_says_the_weights_are_random():
+    with pytest.warns(UserWarning, match="torchvision:resnet18 has random weights: no --weights given"):
+        load_model("torchvision:resnet18", num_classes=3)

@@ -48,7 +48,7 @@ def test_masks_hold_through_quantization_and_renormalization(images):
     model = perturbed(SmallNet())
     magnitude_prune(model, PruneConfig(0.6, prune_first_last=True))
     masks = {n: m._renorm_mask.clone() for n, m in model.named_modules() if hasattr(m, "_renorm_mask")}
-    quantize_weights(model, WeightQuantConfig(bits=3, scheme="uniform"))
+    model = quantize_weights(model, WeightQuantConfig(bits=3, scheme="uniform"))
     model = renormalize(model, images, "exact", batch_size=16)
     for name, module in model.named_modules():
         if name in masks:
@@ -66,6 +66,8 @@ def test_filter_pruning_gives_a_smaller_model_that_runs_saves_and_reloads(arch, 
     assert report["params_after"] < 0.45 * report["params_before"]
     assert report["macs_after"] < 0.45 * report["macs_before"]
     assert report["bytes_after"] < 0.5 * report["bytes_before"]
+    convs = [m for m in pruned.modules() if isinstance(m, nn.Conv2d)]
+    assert all(m.out_channels % 8 == 0 for m in convs)  # kept channel counts are multiples of 8
     torch.save(pruned.state_dict(), tmp_path / "p.pt")
     fresh = torchvision.models.get_model(arch, num_classes=10)
     apply_pruned_channels(fresh, pruned._renorm_pruned_channels)
@@ -175,3 +177,27 @@ def test_shift_matches_channels_of_a_model_pruned_elsewhere():
         torch.testing.assert_close(got.running_mean, want.running_mean[index], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got.running_var, want.running_var[index], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(out.layer1[0].bn2.running_mean, fp32.layer1[0].bn2.running_mean, atol=1e-3)
+
+
+class FixedReshape(nn.Module):
+    """Reshapes to a fixed channel count: filter pruning leaves a model that cannot run."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3)
+        self.bn = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 16, 3)
+        self.fc = nn.Linear(16 * 4 * 4, 4)
+
+    def forward(self, x):
+        return self.fc(self.conv2(torch.relu(self.bn(self.conv1(x)))).reshape(len(x), 16 * 4 * 4))
+
+
+def test_errors_from_filter_pruning_are_one_clear_line():
+    """The old code let Torch-Pruning's (or the broken model's) RuntimeError escape with a traceback."""
+    model = FixedReshape().eval()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(RenormError, match=r"after filter pruning the model no longer runs .*--prune-exclude") as info:
+        prune(model, PruneConfig(0.5, "filter", prune_first_last=True), example=torch.randn(2, 3, 8, 8))
+    assert "\n" not in str(info.value)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

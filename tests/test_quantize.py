@@ -147,7 +147,7 @@ def test_bit_width_checks():
 def test_quantize_resnet18_first_last_8_bit_and_the_rest_pow2():
     model = torchvision.models.resnet18(num_classes=10).eval()
     original = copy.deepcopy(model)
-    W.quantize_weights(model, W.WeightQuantConfig(bits=4, scheme="pow2"))
+    model = W.quantize_weights(model, W.WeightQuantConfig(bits=4, scheme="pow2"))
     rows = {r["layer"]: r for r in W.weight_quantization_stats(model)}
     assert len(rows) == 21  # 20 convs + fc
     assert rows["conv1"]["bits"] == 8 and rows["conv1"]["scheme"] == "uniform"
@@ -175,10 +175,10 @@ def test_depthwise_and_transposed_convs_are_per_output_channel():
 
 def test_exclusions_and_float_first_last():
     model = SmallNet()
-    W.quantize_weights(model, W.WeightQuantConfig(bits=3, scheme="uniform", first_last_bits=0, exclude=("fc1",)))
+    model = W.quantize_weights(model, W.WeightQuantConfig(bits=3, scheme="uniform", first_last_bits=0, exclude=("fc1",)))
     names = {r["layer"] for r in W.weight_quantization_stats(model)}
     assert names == {"conv2"}
-    with pytest.raises(RenormError, match="no conv/linear layer named"):
+    with pytest.raises(RenormError, match="--exclude names no conv/linear layer 'nope'"):
         W.quantize_weights(SmallNet(), W.WeightQuantConfig(exclude=("nope",)))
 
 
@@ -209,3 +209,32 @@ def test_calibration_puts_signed_quantizers_on_signed_inputs(small_net, images):
         assert torch.equal(copied(images), quantized)  # survives deepcopy
         A.detach(copied)
         assert torch.equal(copied(images), float_out)
+
+
+def test_activation_sample_budget_follows_the_real_batches(small_net, images, monkeypatch):
+    """The old budget assumed `batch_size` images per batch: a DataLoader of batch 1 kept 50x
+    max_samples values per layer (many GB at 224 px)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    kept = []
+    fit = A.fit_activation_scale
+
+    def spy(values, *args, **kwargs):
+        kept.append(len(values))
+        return fit(values, *args, **kwargs)
+
+    monkeypatch.setattr(A, "fit_activation_scale", spy)
+    loader = DataLoader(TensorDataset(images[:40]), batch_size=1)
+    A.calibrate_activations(small_net, loader, A.ActivationQuantConfig(bits=8, num_images=40, max_samples=400))
+    assert len(kept) == 4 and max(kept) <= 400  # the old code kept all 432 x 40 values of conv1's input
+
+
+def test_excluded_layers_stay_in_float_depthwise_included():
+    """--exclude leaves a layer's weights exactly as they were (the README said '8 bits with --exclude')."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 8, 1), nn.Flatten(),
+                          nn.LazyLinear(4))
+    model(torch.randn(1, 3, 8, 8))
+    q = W.quantize_weights(model, W.WeightQuantConfig(bits=4, exclude=("1",)))
+    assert torch.equal(q[1].weight, model[1].weight) and not hasattr(q[1], "_renorm_quantized")
+    assert {r["layer"]: r["bits"] for r in W.weight_quantization_stats(q)} == {"0": 8, "2": 4, "4": 8}

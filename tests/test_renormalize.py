@@ -263,3 +263,117 @@ def test_wrong_image_size_is_a_clear_error(images):
         warnings.simplefilter("ignore")
         with pytest.raises(RenormError, match="do not fit the model"):
             renormalize(model, torch.randn(8, 3, 20, 20))
+
+
+# --------------------------------------------------------------------------- shift after pruning, idempotence
+class TwoConvs(nn.Module):
+    """Fresh BatchNorms: every channel stores the same numbers (mean 0, var 1, weight 1, bias 0)."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, 16, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 4)
+        with torch.no_grad():
+            self.conv1.weight[:8] *= 0.01  # the L1 criterion removes channels 0..7 of conv1 first
+            self.conv1.bias[:8] = 0
+
+    def forward(self, x):
+        x = torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_shift_after_filter_pruning_uses_the_recorded_channels_when_rows_tie(images):
+    """The old code matched tied rows to the first candidates ([0..7] for [8..15]) and shifted
+    bn1 by other channels' FP32 statistics; the record of removed channels was unused."""
+    pytest.importorskip("torch_pruning")
+    from renorm.prune import PruneConfig, kept_channels, prune
+
+    torch.manual_seed(0)
+    fp32 = TwoConvs().eval()
+    pruned, _ = prune(fp32, PruneConfig(0.5, "filter", prune_first_last=True), example=images[:4], latency_repeats=1)
+    assert kept_channels(fp32, pruned._renorm_pruned_channels)["bn1"].tolist() == list(range(8, 16))
+    out = renormalize(pruned, images, "shift", reference=fp32, batch_size=32)
+    # bn1's kept inputs are exactly FP32's channels 8..15: shift must leave FP32's stored statistics
+    torch.testing.assert_close(out.bn1.running_mean, torch.zeros(8), rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.bn1.running_var, torch.ones(8), rtol=1e-5, atol=1e-6)
+
+
+def test_shift_after_pruning_an_already_pruned_model_replays_only_the_new_step(images):
+    """compress --prune filter --renorm shift on a model renorm had filter-pruned before: the
+    reference carries the first step of the record, the compressed model both."""
+    pytest.importorskip("torch_pruning")
+    from renorm.api import Config, compress
+    from renorm.prune import PruneConfig, prune
+
+    torch.manual_seed(0)
+    once, _ = prune(TwoConvs(width=32).eval(), PruneConfig(0.25, "filter", prune_first_last=True),
+                    example=images[:4], latency_repeats=1)
+    assert once.conv1.out_channels == 24
+    result = compress(once, images, Config(wbits=32, prune=0.34, prune_type="filter", prune_first_last=True,
+                                           renorm="shift", batch_size=32))
+    twice = result.model
+    kept = twice.conv1.out_channels
+    assert kept < 24 and [len(step["history"]) > 0 for step in twice._renorm_pruned_channels] == [True, True]
+    torch.testing.assert_close(twice.bn1.running_mean, torch.zeros(kept), rtol=0, atol=1e-5)
+    torch.testing.assert_close(twice.bn1.running_var, torch.ones(kept), rtol=1e-5, atol=1e-6)
+
+
+def test_shift_refuses_to_guess_between_tied_channels_of_a_model_pruned_elsewhere(images):
+    tp = pytest.importorskip("torch_pruning")
+    fp32 = TwoConvs().eval()
+    pruned = copy.deepcopy(fp32)
+    graph = tp.DependencyGraph().build_dependency(pruned, images[:1])
+    graph.get_pruning_group(pruned.conv1, tp.prune_conv_out_channels, idxs=[0, 1, 2]).prune()
+    with pytest.raises(RenormError, match=r"bn1.*16 channels .* share the same stored numbers.*--renorm exact"):
+        renormalize(pruned, images, "shift", reference=fp32)
+    renormalize(pruned, images, "exact")  # exact needs no matching
+
+
+def test_shift_is_idempotent(small_net, images):
+    """The old shift moved the model's current statistics: a second pass shifted twice."""
+    from renorm.quantize.weights import WeightQuantConfig, quantize_weights
+
+    # a copy, so that the test needs no copy-on-quantize: it fails for the double shift alone
+    compressed = quantize_weights(copy.deepcopy(small_net), WeightQuantConfig(bits=2, scheme="uniform",
+                                                                              first_last_bits=0))
+    once = renormalize(compressed, images, "shift", reference=small_net, batch_size=32)
+    twice = renormalize(once, images, "shift", reference=small_net, batch_size=32)
+    assert not torch.allclose(once.bn2.running_mean, small_net.bn2.running_mean)
+    assert_stats_close(stats(twice), stats(once), rtol=1e-6, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- BatchNorms that do not run once
+class Unusual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.unused = nn.BatchNorm2d(4)
+        self.twice = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        x = self.bn(self.conv(x))
+        return self.twice(torch.relu(self.twice(x)))
+
+
+def test_batchnorms_that_never_run_or_run_twice_are_named_and_not_counted(images):
+    """The old code counted an unused BatchNorm in layers_updated and merged two call sites silently."""
+    from renorm.api import Config, compress
+    from renorm.renormalize import renormalize_with_summary
+
+    model = perturbed(Unusual())
+    with pytest.warns(UserWarning) as caught:
+        out, summary = renormalize_with_summary(model, images, "exact", batch_size=32, chunk=32)
+    messages = " | ".join(str(w.message) for w in caught)
+    assert "1 BatchNorm layers never ran on the images and keep their old statistics" in messages and "unused" in messages
+    assert "BatchNorm twice runs 2 times per forward pass" in messages
+    assert summary == {"mode": "exact", "images": 96, "layers_updated": 2, "not_run": ["unused"],
+                       "shared": {"twice": 2}}
+    assert torch.equal(out.unused.running_mean, model.unused.running_mean)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = compress(model, images, Config(wbits=32, batch_size=32)).report
+    assert report["batchnorm"]["layers_updated"] == 2 and report["batchnorm"]["not_run"] == ["unused"]

@@ -14,16 +14,18 @@ import torch
 from torch import nn
 
 from renorm import __version__
-from renorm.data import Batches, ImageSource, Preset, open_images, sample
+from renorm.data import Batches, ImageSource, Preset, first_images, open_images, sample
 from renorm.errors import RenormError
 from renorm.evaluate import agreement, accuracy, predict
+from renorm.forward import as_logits, eval_mode, forward
+from renorm.layers import check_layer_names
 from renorm.models import LoadedModel, load_model
 from renorm.quantize.activations import (ActivationQuantConfig, activation_quantization_stats,
                                          calibrate_activations)
-from renorm.quantize.bits import allocate_bits, check_average_bits
+from renorm.quantize.allocation import allocate_bits, check_average_bits
 from renorm.quantize.weights import WeightQuantConfig, layer_plans, quantize_weights, weight_quantization_stats
 from renorm.reconstruct import ReconstructConfig, reconstruct
-from renorm.renormalize import MODES, batchnorm_layers, renormalize
+from renorm.renormalize import MODES, renormalize_with_summary
 from renorm.report import accuracy_table, stage
 
 
@@ -53,7 +55,7 @@ class Config:
     prune_exclude: tuple[str, ...] = ()
     prune_first_last: bool = False
     prune_depthwise: bool = False
-    layer_bits: tuple[tuple[str, int], ...] = ()  # (pattern, bits): see renorm.quantize.bits
+    layer_bits: tuple[tuple[str, int], ...] = ()  # (pattern, bits): see renorm.quantize.plan
     avg_bits: float | None = None  # allocate bits per layer to this average (label-free sensitivity)
     reconstruct: str = "none"  # a method of renorm.reconstruct, or none
     reconstruct_images: int = 256
@@ -66,6 +68,8 @@ class Config:
             raise RenormError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.num_images < 1:
             raise RenormError(f"--num-images must be at least 1, got {self.num_images}")
+        if self.chunk < 1:
+            raise RenormError(f"--chunk must be at least 1 image, got {self.chunk}")
         if self.abits != 32:
             ActivationQuantConfig(self.abits, self.act_images)
         self.weight_config()
@@ -91,6 +95,10 @@ class Config:
                            self.prune_depthwise)
 
 
+NOT_EVALUATED = {"source": None, "images": 0,
+                 "note": "no evaluation data given (eval_data= / --eval): no stage was evaluated, accuracy is empty"}
+
+
 @dataclass
 class Result:
     """The compressed model and the report (see renorm.report for its keys)."""
@@ -106,21 +114,27 @@ def compress(model: nn.Module | str | LoadedModel, calib: Any, config: Config = 
     model: an nn.Module, a LoadedModel, or a model spec (see renorm.models.load_model).
     calib / eval_data: an ImageSource, a data spec string (preprocessed with `preset`, by
     default the model's own), a tensor, or a DataLoader. Labeled eval data gives accuracy;
-    unlabeled gives agreement with the FP32 model.
+    unlabeled gives agreement with the FP32 model; without eval_data no stage is
+    evaluated (report["accuracy"] is empty and report["evaluation"] says so). Every
+    option is checked against the model before any pass over the data.
     """
     loaded = _as_loaded(model)
+    fp32 = loaded.model  # never modified, never switched to eval mode: see renorm.forward.eval_mode
+    if isinstance(fp32, torch.jit.ScriptModule):
+        raise RenormError("a TorchScript model can be evaluated but not compressed: PyTorch allows no hooks or "
+                          "module surgery on it; load the eager model instead (torchvision:NAME --weights FILE)")
+    check_layer_names(fp32, config.exclude, "--exclude")
+    check_layer_names(fp32, config.prune_exclude, "--prune-exclude")
     preset = preset or loaded.preset
     calib = _as_source(calib, preset, labeled=False)
     if isinstance(calib, ImageSource):
         calib = sample(calib, config.num_images, config.seed)
+    else:
+        calib = first_images(calib, config.num_images)
     if isinstance(eval_data, str):
         eval_data = _as_source(eval_data, preset, labeled=None)
-    fp32 = loaded.model.eval()
-    if isinstance(fp32, torch.jit.ScriptModule):
-        raise RenormError("a TorchScript model can be evaluated but not compressed: PyTorch allows no hooks or "
-                          "module surgery on it; load the eager model instead (torchvision:NAME --weights FILE)")
-    layer_plans(fp32, config.weight_config())  # names every --layer-bits pattern that matches nothing, now
-    _check_input_fits(fp32, calib, config)
+    example = _check_input_fits(fp32, calib, config, evaluated=eval_data is not None)
+    layer_plans(fp32, config.weight_config(), example)  # names every --layer-bits pattern that matches nothing, now
     stages: dict[str, dict] = {}
     accuracy_by_stage: dict[str, dict] = {}
     evaluator = _Evaluator(eval_data, fp32, config.batch_size, progress) if eval_data is not None else None
@@ -128,15 +142,15 @@ def compress(model: nn.Module | str | LoadedModel, calib: Any, config: Config = 
         with stage(stages, "evaluate_fp32"):
             accuracy_by_stage["fp32"] = evaluator(fp32, "evaluate fp32")
 
-    work = copy.deepcopy(fp32)
+    work = copy.deepcopy(fp32).eval()  # the one copy every stage works on in place
     prune_report = bits_report = None
     if config.prune:
         from renorm.prune import prune
 
         with stage(stages, "prune"):
             example = _example(calib, config, count=config.batch_size)  # traces, and times the pruned model
-            work, prune_report = prune(work, config.prune_config(), example=example, progress=progress)
-    pruned = copy.deepcopy(work) if config.reconstruct != "none" and config.prune else fp32
+            work, prune_report = prune(work, config.prune_config(), example=example, inplace=True)
+    reference = copy.deepcopy(work) if config.reconstruct != "none" and config.prune else fp32
     weight_config = config.weight_config()
     if config.avg_bits is not None:
         with stage(stages, "allocate_bits"):
@@ -144,18 +158,19 @@ def compress(model: nn.Module | str | LoadedModel, calib: Any, config: Config = 
                                                     weight_config, config.avg_bits, progress=progress)
         weight_config = config.weight_config(allocation)
     with stage(stages, "quantize"):
-        quantize_weights(work, weight_config, progress)
+        quantize_weights(work, weight_config, progress, example, inplace=True)
     if config.reconstruct != "none":
         with stage(stages, "reconstruct"):
-            reconstruct(work, pruned, calib, config.reconstruct_config(), batch_size=config.batch_size,
+            reconstruct(work, reference, calib, config.reconstruct_config(), batch_size=config.batch_size,
                         inplace=True, progress=progress)
     if evaluator and (config.wbits != 32 or config.prune):
         with stage(stages, "evaluate_compressed"):
             accuracy_by_stage["compressed"] = evaluator(work, "evaluate compressed")
 
     with stage(stages, "renormalize"):
-        work = renormalize(work, calib, config.renorm, reference=fp32, batch_size=config.batch_size,
-                           chunk=config.chunk, inplace=True, progress=progress)
+        work, batchnorm = renormalize_with_summary(work, calib, config.renorm, reference=fp32,
+                                                   batch_size=config.batch_size, chunk=config.chunk, inplace=True,
+                                                   progress=progress)
     if evaluator and config.renorm != "none":
         with stage(stages, "evaluate_renormalized"):
             accuracy_by_stage["renormalized"] = evaluator(work, "evaluate renormalized")
@@ -163,12 +178,13 @@ def compress(model: nn.Module | str | LoadedModel, calib: Any, config: Config = 
     if config.abits != 32:
         with stage(stages, "calibrate_activations"):
             calibrate_activations(work, calib, ActivationQuantConfig(config.abits, config.act_images, seed=config.seed),
-                                  config.batch_size, progress)
+                                  config.batch_size, progress, inplace=True)
         if evaluator:
             with stage(stages, "evaluate_final"):
                 accuracy_by_stage["final"] = evaluator(work, "evaluate final")
 
     report = _report(loaded, preset, fp32, work, config, calib, evaluator, accuracy_by_stage, stages)
+    report["batchnorm"] = batchnorm
     if prune_report is not None:
         report["prune"] = prune_report
     if bits_report is not None:
@@ -184,14 +200,12 @@ def _report(loaded: LoadedModel, preset: Preset | None, fp32: nn.Module, work: n
                   "parameters": sum(p.numel() for p in fp32.parameters())},
         "config": dataclasses.asdict(config),
         "calibration": _source_info(calib, config.num_images),
-        "evaluation": evaluator.info() if evaluator else None,
+        "evaluation": evaluator.info() if evaluator else NOT_EVALUATED,
         "accuracy": accuracy_by_stage,
         "table": accuracy_table(accuracy_by_stage) if accuracy_by_stage else "",
         "stages": stages,
         "weights": weight_quantization_stats(work),
         "activations": activation_quantization_stats(work),
-        "batchnorm": {"mode": config.renorm, "layers_updated": 0 if config.renorm == "none"
-                      else len(batchnorm_layers(work))},
     }
 
 
@@ -208,17 +222,22 @@ def _as_loaded(model: nn.Module | str | LoadedModel) -> LoadedModel:
 def _as_source(data: Any, preset: Preset | None, labeled: bool | None) -> Any:
     if isinstance(data, str):
         if preset is None:
-            raise RenormError(f"to read {data!r} renorm needs a preprocessing preset for this model")
+            raise RenormError(f"to read {data!r} renorm needs a preprocessing preset for this model: pass "
+                              "preset= (e.g. renorm.PRESETS['imagenet'] or renorm.make_preset(...))")
         return open_images(data, preset, labeled=labeled)
     return data
 
 
 @torch.no_grad()
-def _check_input_fits(model: nn.Module, calib: Any, config: Config) -> None:
-    """Fail fast, before any compression work, when the images do not fit the model."""
-    from renorm.evaluate import _checked_forward
-
-    _checked_forward(model, _example(calib, config))
+def _check_input_fits(model: nn.Module, calib: Any, config: Config, evaluated: bool) -> torch.Tensor:
+    """Fail fast, before any pass over the data, when the images do not fit the model (or, when
+    stages are evaluated, its output holds no class scores); return the example image."""
+    example = _example(calib, config)
+    with eval_mode(model):
+        output = forward(model, example)
+    if evaluated:
+        as_logits(output)
+    return example
 
 
 def _example(calib: Any, config: Config, count: int = 1) -> torch.Tensor:
@@ -231,7 +250,8 @@ def _source_info(data: Any, requested: int) -> dict[str, Any]:
         return {"source": data.name, "images_requested": requested,
                 "images_used": len(data) - len(data.skipped), "skipped": len(data.skipped),
                 "skipped_files": list(data.skipped)}
-    return {"source": type(data).__name__}
+    info = {"source": type(data).__name__, "images_requested": requested}
+    return {**info, "images_used": len(data)} if isinstance(data, torch.Tensor) else info
 
 
 class _Evaluator:

@@ -10,7 +10,11 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from renorm.errors import RenormError
+from renorm.errors import RenormError, one_line
+from renorm.images import PRESETS
+from renorm.prune import BUDGETS, IMPORTANCES, KINDS, SCOPES
+from renorm.quantize.plan import SCHEMES
+from renorm.renormalize import MODES
 from renorm.reconstruct import DEFAULT_METHOD as DEFAULT_RECONSTRUCT, METHODS as RECONSTRUCT_METHODS
 
 DEMO_REPORT = "renorm-demo-report.json"
@@ -30,7 +34,7 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--trust-pickle", action="store_true",
                        help="allow loading a whole pickled nn.Module (unpickling runs code from the file)")
     pre = parser.add_argument_group("preprocessing (default: the model's own preset)")
-    pre.add_argument("--preset", help="imagenet, tf, or fashion-mnist")
+    pre.add_argument("--preset", choices=PRESETS, help="preprocessing preset")
     pre.add_argument("--resize", type=int, help="resize the shorter side to this many pixels")
     pre.add_argument("--crop", type=int, help="centre-crop to this many pixels")
     pre.add_argument("--mean", type=float, nargs="+", help="1 or 3 numbers (RGB), on a 0..1 scale")
@@ -38,7 +42,7 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _common_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=50, help="images per forward pass (default 50)")
     parser.add_argument("--report", help="write the JSON report here")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -58,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--num-images", type=int, default=1000, help="calibration images sampled (default 1000)")
     q = compress.add_argument_group("quantization")
     q.add_argument("--wbits", type=int, default=4, help="weight bits, 2..8, or 32 for float (default 4)")
-    q.add_argument("--scheme", default="pow2", help="pow2 (default), uniform, or minmax")
+    q.add_argument("--scheme", default="pow2", choices=SCHEMES, help="weight levels (default pow2)")
     q.add_argument("--first-last-bits", type=int, default=8, help="first conv / last linear, uniform (0 = float)")
     q.add_argument("--abits", type=int, default=32, help="activation bits (e.g. 8); 32 = float (default)")
     q.add_argument("--act-images", type=int, default=400, help="images to calibrate activations (default 400)")
@@ -80,21 +84,24 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--reconstruct-images", type=int, default=256,
                     help="calibration images used for reconstruction (default 256)")
     r = compress.add_argument_group("re-normalization")
-    r.add_argument("--renorm", default="exact", help="exact (default: re-estimate from the images), shift "
-                   "(correct the trained statistics by the shift compression caused; for few or unlike images), none")
+    r.add_argument("--renorm", default="exact", choices=MODES, help="exact (default: re-estimate from the "
+                   "images), shift (correct the trained statistics by the shift compression caused; for few or "
+                   "unlike images), none")
     r.add_argument("--chunk", type=int, default=64, help="images per progressive re-estimation step "
                    "(default 64; memory is one chunk; the result does not depend on --batch-size)")
     p = compress.add_argument_group("pruning")
     p.add_argument("--prune", type=float, default=0.0, help="fraction of weights (or filters) to remove, 0..1")
-    p.add_argument("--prune-type", default="unstructured", help="unstructured (default) or filter")
-    p.add_argument("--prune-scope", default="layer", help="layer (default) or global")
-    p.add_argument("--prune-importance", default="l1", help="filter importance: l1 (default), l2, or bn")
-    p.add_argument("--prune-budget", default="filters", help="for filter pruning, FRACTION is of: filters "
-                   "(default), params, or macs")
+    p.add_argument("--prune-type", default="unstructured", choices=KINDS, help="default unstructured")
+    p.add_argument("--prune-scope", default="layer", choices=SCOPES, help="one threshold per layer (default) "
+                   "or one for all")
+    p.add_argument("--prune-importance", default="l1", choices=IMPORTANCES, help="filter importance: L1 norm "
+                   "(default), L2 norm, or BatchNorm scale")
+    p.add_argument("--prune-budget", default="filters", choices=BUDGETS, help="for filter pruning, --prune is "
+                   "the fraction of: filters (default), params, or macs")
     p.add_argument("--prune-exclude", nargs="+", default=[], help="layer names not to prune")
     p.add_argument("--prune-first-last", action="store_true", help="also prune the first conv and last linear layer")
     p.add_argument("--prune-depthwise", action="store_true", help="also prune depthwise convs (unstructured)")
-    compress.add_argument("--seed", type=int, default=0)
+    compress.add_argument("--seed", type=int, default=0, help="seed of the calibration sample (default 0)")
     compress.add_argument("--eval", help="evaluation images: labeled (one folder per class, or "
                           "fashion-mnist:test) for accuracy, unlabeled for agreement with FP32")
     compress.add_argument("--out", help="write the compressed model here (renorm evaluate can load it)")
@@ -104,17 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(evaluate)
     evaluate.add_argument("--data", required=True, help="images: labeled folder / fashion-mnist:test, or unlabeled")
     evaluate.add_argument("--reference", help="a reference model spec to measure agreement with")
+    evaluate.add_argument("--reference-weights", help="state_dict file for a torchvision:NAME reference "
+                          "(--weights applies to MODEL alone)")
+    evaluate.add_argument("--reference-num-classes", type=int, help="classes of a torchvision reference")
     _common_options(evaluate)
 
     sens = commands.add_parser("sensitivity", help="per-layer pruning sensitivity on unlabeled images")
     _model_options(sens)
     sens.add_argument("--calib", required=True, help="unlabeled images (folder or fashion-mnist:train)")
     sens.add_argument("--num-images", type=int, default=256, help="images used (default 256)")
-    sens.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.9])
-    sens.add_argument("--renorm", default="exact", help="re-normalize after pruning each layer: exact "
-                      "(default), shift, or none")
+    sens.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.9],
+                      help="fractions of each layer's weights to prune, one run each (default 0.3 0.5 0.7 0.9)")
+    sens.add_argument("--renorm", default="exact", choices=MODES, help="re-normalize after pruning each layer "
+                      "(default exact)")
     sens.add_argument("--plot", default="sensitivity.png", help="PNG plot (default sensitivity.png)")
-    sens.add_argument("--seed", type=int, default=0)
+    sens.add_argument("--seed", type=int, default=0, help="seed of the image sample (default 0)")
     _common_options(sens)
 
     demo = commands.add_parser("demo", help="the embedded default: reference resnet18, W4A8, exact re-normalization")
@@ -123,12 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args: argparse.Namespace, spec: str | None = None):
+def _load(args: argparse.Namespace, reference: bool = False):
+    """MODEL with --weights/--num-classes and the preprocessing options, or --reference with its own."""
     from renorm.data import make_preset
     from renorm.models import load_model
 
-    loaded = load_model(spec or args.model, getattr(args, "weights", None), getattr(args, "num_classes", None),
-                        getattr(args, "trust_pickle", False))
+    if reference:
+        return load_model(args.reference, args.reference_weights, args.reference_num_classes, args.trust_pickle)
+    loaded = load_model(args.model, args.weights, args.num_classes, args.trust_pickle)
     custom = any(getattr(args, k, None) is not None for k in ("preset", "resize", "crop", "mean", "std"))
     if custom:
         loaded.preset = make_preset(args.preset or (loaded.preset or "imagenet"), args.resize, args.crop,
@@ -142,7 +155,7 @@ def run_compress(args: argparse.Namespace) -> int:
     from renorm.api import Config, compress
     from renorm.data import open_images
     from renorm.export import save_compressed
-    from renorm.quantize.bits import parse_layer_bits
+    from renorm.quantize.plan import parse_layer_bits
 
     method = args.reconstruct_method or (DEFAULT_RECONSTRUCT if args.reconstruct else "none")
     if args.frontier and args.avg_bits is None:
@@ -156,20 +169,14 @@ def run_compress(args: argparse.Namespace) -> int:
                     prune_first_last=args.prune_first_last, prune_depthwise=args.prune_depthwise,
                     layer_bits=parse_layer_bits(args.layer_bits), avg_bits=args.avg_bits, reconstruct=method,
                     reconstruct_images=args.reconstruct_images)
-    _check_writable(args.out, "--out")
-    _check_writable(args.frontier, "--frontier")
-    _check_writable(args.report, "--report")
-    for item in (args.model, args.weights):
-        if args.out and item and Path(item).expanduser().exists() and \
-                Path(args.out).expanduser().resolve() == Path(item).expanduser().resolve():
-            raise RenormError(f"--out {args.out} is the input model; write the compressed model to a new file")
+    _check_outputs(args, (args.model, args.weights), "--out", "--report", "--frontier")
     loaded = _load(args)
     calib = open_images(args.calib, loaded.preset, labeled=False)
     eval_data = open_images(args.eval, loaded.preset) if args.eval else None
     result = compress(loaded, calib, config, eval_data, progress=not args.quiet)
     report = result.report
     if args.frontier:
-        from renorm.quantize.bits import plot_frontier
+        from renorm.quantize.allocation import plot_frontier
 
         plot_frontier(report["bits"], args.frontier, f"{loaded.spec}: bit allocation frontier")
         report["bits"]["plot"] = args.frontier
@@ -185,13 +192,20 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from renorm.evaluate import evaluate
     from renorm.report import accuracy_table
 
-    _check_writable(args.report, "--report")
+    if not args.reference and (args.reference_weights or args.reference_num_classes is not None):
+        raise RenormError("--reference-weights and --reference-num-classes need --reference MODEL")
+    if args.batch_size < 1:
+        raise RenormError(f"--batch-size must be at least 1, got {args.batch_size}")
+    _check_outputs(args, (args.model, args.weights, args.reference, args.reference_weights), "--report")
     loaded = _load(args)
-    reference = _load(args, args.reference).model if args.reference else None
+    reference = _load(args, reference=True) if args.reference else None
     data = open_images(args.data, loaded.preset)
-    metrics = evaluate(loaded.model, data, reference, args.batch_size, progress=not args.quiet)
+    metrics = evaluate(loaded.model, data, reference.model if reference else None, args.batch_size,
+                       progress=not args.quiet)
     accuracy = {"model": {k: v for k, v in metrics.items() if k not in ("images", "seconds")}}
     report = {"model": {"spec": loaded.spec, "preset": loaded.preset.describe()},
+              "reference": {"spec": reference.spec, "weights": args.reference_weights,
+                            "num_classes": args.reference_num_classes} if reference else None,
               "evaluation": {"source": data.name, "images": metrics["images"], "skipped": len(data.skipped),
                              "skipped_files": list(data.skipped), "seconds": metrics["seconds"]},
               "accuracy": accuracy, "table": accuracy_table(accuracy)}
@@ -201,20 +215,22 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def run_sensitivity(args: argparse.Namespace) -> int:
     from renorm.data import open_images, sample
-    from renorm.renormalize import MODES
+    from renorm.prune import PruneConfig
     from renorm.sensitivity import plot_sensitivity, sensitivity, sensitivity_table
 
-    if args.renorm not in MODES:
-        raise RenormError(f"--renorm {args.renorm!r} is not a mode; choose one of {', '.join(MODES)}")
-    _check_writable(args.report, "--report")
-    _check_writable(args.plot, "--plot")
+    for fraction in args.sparsities:
+        PruneConfig(fraction)  # validates the range
+    if args.batch_size < 1:
+        raise RenormError(f"--batch-size must be at least 1, got {args.batch_size}")
+    _check_outputs(args, (args.model, args.weights), "--report", "--plot")
     loaded = _load(args)
     images = sample(open_images(args.calib, loaded.preset, labeled=False), args.num_images, args.seed)
     rows = sensitivity(loaded.model, images, args.sparsities, args.renorm, args.batch_size, progress=not args.quiet)
+    report = {"model": {"spec": loaded.spec},
+              "calibration": {"source": images.name, "images_used": len(images) - len(images.skipped),
+                              "skipped": len(images.skipped), "skipped_files": list(images.skipped)},
+              "renorm": args.renorm, "sensitivity": rows, "table": sensitivity_table(rows), "plot": args.plot}
     plot_sensitivity(rows, args.plot, f"{loaded.spec}: per-layer pruning sensitivity ({args.renorm} re-normalization)")
-    table = sensitivity_table(rows)
-    report = {"model": {"spec": loaded.spec}, "calibration": {"source": images.name, "images_used": len(images)},
-              "renorm": args.renorm, "sensitivity": rows, "table": table, "plot": args.plot}
     _finish(report, args.report)
     print(f"plot: {args.plot}")
     return 0
@@ -223,15 +239,24 @@ def run_sensitivity(args: argparse.Namespace) -> int:
 def run_demo(args: argparse.Namespace) -> int:
     from renorm.demo import demo
 
-    _check_writable(args.report, "--report")
+    _check_outputs(args, (), "--report")
     report = demo(progress=not args.quiet)
     _finish(report, args.report)
     return 0
 
 
-def _check_writable(path: str | None, flag: str) -> None:
-    if path and Path(path).expanduser().is_dir():
-        raise RenormError(f"{flag} {path} is a folder; give a file name")
+def _check_outputs(args: argparse.Namespace, inputs: Sequence[str | None], *flags: str) -> None:
+    """Every output path is writable, none is an input, no two are the same file (before any work)."""
+    from renorm.files import check_output
+
+    paths = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in flags}
+    for flag, path in paths.items():
+        check_output(path, flag, inputs)
+    given = [(flag, Path(path).expanduser().resolve()) for flag, path in paths.items() if path]
+    for index, (flag, path) in enumerate(given):
+        for other, other_path in given[index + 1:]:
+            if path == other_path:
+                raise RenormError(f"{flag} and {other} name the same file {path}; give two file names")
 
 
 def _finish(report: dict[str, Any], report_path: str | None) -> None:
@@ -254,9 +279,11 @@ def _summary(report: dict[str, Any]) -> str:
     calib = report.get("calibration")
     if calib and "images_used" in calib:
         lines.append(f"calibration: {calib['images_used']} images from {calib['source']}"
-                     + (f" ({calib['skipped']} unreadable, skipped)" if calib["skipped"] else ""))
+                     + (f" ({calib['skipped']} unreadable, skipped)" if calib.get("skipped") else ""))
     evaluation = report.get("evaluation")
-    if evaluation:
+    if evaluation and evaluation.get("source") is None:
+        lines.append("evaluation: none (add --eval DATA to measure each stage)")
+    elif evaluation:
         lines.append(f"evaluation: {evaluation['images']} images from {evaluation['source']}"
                      + (f" ({evaluation['skipped']} unreadable, skipped)" if evaluation.get("skipped") else ""))
     stages = report.get("stages")
@@ -286,31 +313,42 @@ def _summary(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"renorm: warning: {message}", file=sys.stderr)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Bad input: exit 2 and one line on stderr, nothing else.
+
+    Warnings are held until the command ends, then printed once each ("renorm:
+    warning: ..."); when the command fails, its one error line is all that is printed.
+    """
     parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-        with warnings.catch_warnings():
-            # torch's deprecation notices (e.g. for TorchScript) are not the user's problem
-            warnings.filterwarnings("ignore", category=FutureWarning)
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            warnings.showwarning = _show_warning
-            handler = {"compress": run_compress, "evaluate": run_evaluate, "sensitivity": run_sensitivity,
-                       "demo": run_demo}
-            return handler[args.command](args)
-    except RenormError as error:
-        print(f"renorm: error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:
-        print(f"renorm: error: {error.strerror or error}: {error.filename or ''}".rstrip(": "), file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("renorm: interrupted", file=sys.stderr)
-        return 130
+    handlers = {"compress": run_compress, "evaluate": run_evaluate, "sensitivity": run_sensitivity, "demo": run_demo}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        # torch's deprecation notices (e.g. for TorchScript) are not the user's problem
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        try:
+            args = parser.parse_args(argv)
+            code = handlers[args.command](args)
+        except RenormError as error:
+            return _fail(one_line(error))
+        except OSError as error:
+            return _fail(f"{error.strerror or error}: {error.filename or ''}".rstrip(": "))
+        except KeyboardInterrupt:
+            _print_warnings(caught)
+            print("renorm: interrupted", file=sys.stderr)
+            return 130
+    _print_warnings(caught)
+    return code
+
+
+def _fail(message: str) -> int:
+    print(f"renorm: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _print_warnings(caught: list[warnings.WarningMessage]) -> None:
+    for message in dict.fromkeys(one_line(w.message) for w in caught):
+        print(f"renorm: warning: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

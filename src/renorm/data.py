@@ -1,8 +1,9 @@
-"""Images in: folders, built-in data sets, preprocessing presets, and batching.
+"""Images in: folders, built-in data sets, sampling, and batching.
 
 Everything that feeds images to a model goes through an `ImageSource` (indexable,
-knows whether it has labels) and `iter_batches`. The API also accepts plain tensors,
-lists of batches and DataLoaders through `as_batches`.
+knows whether it has labels; defined in renorm.images with the preprocessing presets)
+and `iter_batches`. The API also accepts plain tensors, lists of batches and
+DataLoaders through `Batches`.
 """
 from __future__ import annotations
 
@@ -10,14 +11,15 @@ import gzip
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision import transforms as T
 
+from renorm import photos  # built-in natural photos (optional extra)
 from renorm.errors import RenormError
+from renorm.images import PRESETS, ImageSource, Preset, make_preset  # noqa: F401 (also the public names here)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 FASHION_MNIST_DIR = Path(os.environ.get("RENORM_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
@@ -30,99 +32,7 @@ FASHION_MNIST_CLASSES = (
 _UNREADABLE = (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError)
 
 
-# --------------------------------------------------------------------------- presets
-@dataclass(frozen=True)
-class Preset:
-    """Preprocessing: RGB, resize shorter side, centre-crop, optional pad, normalize."""
-
-    name: str
-    resize: int
-    crop: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    pad: int = 0
-
-    @property
-    def input_size(self) -> int:
-        return self.crop + 2 * self.pad
-
-    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
-        steps: list[Any] = [T.Lambda(_to_rgb), T.Resize(self.resize), T.CenterCrop(self.crop)]
-        if self.pad:
-            steps.append(T.Pad(self.pad))
-        steps += [T.ToTensor(), T.Normalize(self.mean, self.std)]
-        return T.Compose(steps)
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "resize": self.resize, "crop": self.crop, "pad": self.pad,
-                "mean": list(self.mean), "std": list(self.std)}
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    return img if img.mode == "RGB" else img.convert("RGB")
-
-
-PRESETS: dict[str, Preset] = {
-    "imagenet": Preset("imagenet", 256, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    # EfficientNet-Lite (TensorFlow): (x - 127) / 128 on 0..255 pixels.
-    "tf": Preset("tf", 256, 224, (127 / 255,) * 3, (128 / 255,) * 3),
-    # Reference models: 28x28 Fashion-MNIST zero-padded to 32x32 (the background is black).
-    "fashion-mnist": Preset("fashion-mnist", 28, 28, (0.2860,) * 3, (0.3530,) * 3, pad=2),
-}
-
-
-def make_preset(base: str | Preset = "imagenet", resize: int | None = None, crop: int | None = None,
-                mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> Preset:
-    """Return `base` (a preset or its name) with any of resize/crop/mean/std overridden."""
-    if isinstance(base, str):
-        if base not in PRESETS:
-            raise RenormError(f"unknown preset {base!r}; choose one of {', '.join(PRESETS)}")
-        base = PRESETS[base]
-    if resize is not None and resize < 1:
-        raise RenormError(f"--resize must be a positive number of pixels, got {resize}")
-    if crop is not None and crop < 1:
-        raise RenormError(f"--crop must be a positive number of pixels, got {crop}")
-    mean3 = _three("mean", mean) if mean is not None else base.mean
-    std3 = _three("std", std) if std is not None else base.std
-    if any(s <= 0 for s in std3):
-        raise RenormError(f"--std values must be positive, got {list(std3)}")
-    custom = any(v is not None for v in (resize, crop, mean, std))
-    return Preset(base.name + ("+custom" if custom else ""), resize or base.resize, crop or base.crop,
-                  mean3, std3, base.pad)
-
-
-def _three(what: str, values: Sequence[float]) -> tuple[float, float, float]:
-    values = tuple(float(v) for v in values)
-    if len(values) == 1:
-        return values * 3  # type: ignore[return-value]
-    if len(values) == 3:
-        return values  # type: ignore[return-value]
-    raise RenormError(f"--{what} takes 1 or 3 numbers (one per RGB channel), got {len(values)}")
-
-
 # --------------------------------------------------------------------------- sources
-@dataclass
-class ImageSource:
-    """An indexable set of images; `load(i)` returns (image tensor, label or -1)."""
-
-    name: str
-    classes: tuple[str, ...] | None = None
-    skipped: list[str] = field(default_factory=list)
-
-    @property
-    def labeled(self) -> bool:
-        return self.classes is not None
-
-    def __len__(self) -> int:
-        raise NotImplementedError
-
-    def load(self, index: int) -> tuple[torch.Tensor, int]:
-        raise NotImplementedError
-
-    def describe_item(self, index: int) -> str:
-        return f"{self.name}[{index}]"
-
-
 @dataclass
 class FileImages(ImageSource):
     """Image files; labels come from an ImageFolder layout when `labels` is given."""
@@ -244,7 +154,6 @@ def open_images(spec: str, preset: Preset, labeled: bool | None = None) -> Image
         images, labels, source_name = fashion_mnist_arrays(split, mini=name == "fashion-mnist-mini")
         return ArrayImages(name=source_name, classes=FASHION_MNIST_CLASSES if labeled is not False else None,
                            arrays=images, labels=labels if labeled is not False else None, transform=transform)
-    from renorm import photos  # built-in natural photos (optional extra)
     if photos.is_photo_spec(spec):
         if labeled:
             raise RenormError(f"{spec} has no labels; evaluate against a reference model instead")
@@ -338,6 +247,8 @@ class Batches:
         if isinstance(data, Iterator):
             raise RenormError("images must be re-iterable (a DataLoader, list, tensor or ImageSource), "
                               "not a one-shot iterator or generator: renormalize reads them more than once")
+        if batch_size < 1:
+            raise RenormError(f"--batch-size must be at least 1, got {batch_size}")
         self.data, self.batch_size, self.progress, self.desc = data, batch_size, progress, desc
 
     @property
@@ -380,5 +291,41 @@ class Batches:
             if count >= num_images:
                 break
         if not taken:
-            raise RenormError("no readable images: every file was skipped or the set is empty")
+            raise no_readable_images(self.data)
         return torch.cat(taken)
+
+
+def first_images(data: Any, count: int) -> Any:
+    """The first `count` images of a tensor, or of a re-iterable of batches (a DataLoader), still re-iterable."""
+    if isinstance(data, torch.Tensor):
+        return data[:count]
+    return FirstImages(data, count)
+
+
+@dataclass
+class FirstImages:
+    """The first `count` images of a re-iterable of batches, as batches (with their labels, if any)."""
+
+    data: Any
+    count: int
+
+    def __iter__(self) -> Iterator[Any]:
+        seen = 0
+        for images, labels in Batches(self.data):
+            images = images[: self.count - seen]
+            yield images if labels is None else (images, labels[: len(images)])
+            seen += len(images)
+            if seen >= self.count:
+                return
+
+
+def no_readable_images(data: Any, purpose: str = "") -> RenormError:
+    """The error for images that yielded nothing: names the set and how many files were skipped as unreadable."""
+    data = data.data if isinstance(data, Batches) else data
+    purpose = f" {purpose}" if purpose else ""
+    if isinstance(data, ImageSource):
+        skipped = data.skipped
+        detail = (f"all {len(skipped)} files were unreadable and skipped (first: {skipped[0]})" if skipped
+                  else "the set is empty")
+        return RenormError(f"no readable images{purpose} in {data.name}: {detail}")
+    return RenormError(f"no images{purpose}: the {type(data).__name__} yielded none")

@@ -13,26 +13,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from renorm.data import Batches
+from renorm.data import Batches, no_readable_images
 from renorm.errors import RenormError
+from renorm.forward import as_logits, eval_mode, forward
 
 
 @torch.no_grad()
 def predict(model: nn.Module, images: Any, batch_size: int = 50, progress: bool = False,
             desc: str = "evaluate") -> tuple[torch.Tensor, torch.Tensor | None]:
     """Return (logits (N, classes), labels (N,) or None) of `model` over the images."""
-    was_training = model.training
-    model.eval()
     outputs, labels = [], []
-    try:
+    with eval_mode(model):
         for batch, batch_labels in Batches(images, batch_size, progress, desc):
-            outputs.append(_checked_forward(model, batch).float())
+            outputs.append(as_logits(forward(model, batch)).float())
             if batch_labels is not None:
                 labels.append(batch_labels)
-    finally:
-        model.train(was_training)
     if not outputs:
-        raise RenormError("no readable images to evaluate on: every file was skipped or the set is empty")
+        raise no_readable_images(images, "to evaluate on")
     logits = torch.cat(outputs)
     if logits.dim() != 2:
         raise RenormError(f"the model's output has shape {tuple(logits.shape[1:])} per image; "
@@ -41,14 +38,6 @@ def predict(model: nn.Module, images: Any, batch_size: int = 50, progress: bool 
     if known is not None and bool((known < 0).any()):
         known = None
     return logits, known
-
-
-def _checked_forward(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    try:
-        return model(batch)
-    except RuntimeError as error:
-        raise RenormError(f"images of shape {tuple(batch.shape[1:])} do not fit the model "
-                          f"({str(error).splitlines()[0]}); set --resize/--crop to the model's input size") from None
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

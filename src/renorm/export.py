@@ -8,18 +8,17 @@ per-channel scales, the activation quantizers, pruning masks and removed channel
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from renorm import __version__
-from renorm.data import Preset
+from renorm.checkpoint import LoadedModel, apply_state_dict
 from renorm.errors import RenormError
-from renorm.models import LoadedModel, apply_state_dict
+from renorm.files import check_output, write_atomic
+from renorm.images import Preset
 from renorm.quantize import activations
 from renorm.quantize.weights import ATTRIBUTE, MASK_ATTRIBUTE, QuantizedWeight
 
@@ -71,12 +70,7 @@ def save_compressed(path: str | Path, model: nn.Module, loaded: LoadedModel, pre
 
     protected: input files that must never be overwritten (the input model, its weights).
     """
-    path = Path(path).expanduser()
-    for item in protected:
-        if item and Path(item).expanduser().exists() and path.resolve() == Path(item).expanduser().resolve():
-            raise RenormError(f"--out {path} is the input model; write the compressed model to a new file")
-    if path.is_dir():
-        raise RenormError(f"--out {path} is a folder; give a file name such as model.renorm.pt")
+    check_output(path, "--out", protected)
     kind = loaded.source.get("kind")
     if kind == "torchscript":
         raise RenormError("a TorchScript input cannot be saved as a renorm file; load the model as "
@@ -102,22 +96,17 @@ def save_compressed(path: str | Path, model: nn.Module, loaded: LoadedModel, pre
     }
     if kind == "pickle":
         payload["pickled_module"] = True
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload if kind != "pickle" else {**payload, "module": model}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path.stat().st_size
+    content = payload if kind != "pickle" else {**payload, "module": model}
+    return write_atomic(path, lambda handle: torch.save(content, handle))
 
 
-def load_compressed(payload: dict[str, Any], path: Path, trust_pickle: bool = False) -> LoadedModel:
-    """Rebuild a model written by save_compressed (payload as read by torch.load)."""
-    from renorm import models
+def load_compressed(payload: dict[str, Any], path: Path, build: Callable[[dict[str, Any]], nn.Module],
+                    trust_pickle: bool = False) -> LoadedModel:
+    """Rebuild a model written by save_compressed (payload as read by torch.load).
 
+    build: turns the file's "source" record into the bare architecture (renorm.models
+    passes its own builder, so this module never imports that one).
+    """
     if payload.get("renorm_format") != FORMAT:
         raise RenormError(f"{path} was written by a renorm with file format {payload.get('renorm_format')}; "
                           f"this renorm reads format {FORMAT}")
@@ -127,12 +116,8 @@ def load_compressed(payload: dict[str, Any], path: Path, trust_pickle: bool = Fa
         if not trust_pickle:
             raise RenormError(f"{path} holds a pickled module; pass --trust-pickle if you trust it")
         model = torch.load(path, map_location="cpu", weights_only=False)["module"]
-    elif kind == "torchvision":
-        model = models.load_model(f"torchvision:{source['name']}", num_classes=source.get("num_classes")).model
-    elif kind in ("reference", "efficientnet-lite"):
-        model = models.load_model(source["name"]).model
     else:
-        raise RenormError(f"{path} names an unknown model kind {kind!r}")
+        model = build(source)
     if payload.get("pruned_channels"):
         from renorm.prune import apply_pruned_channels
 

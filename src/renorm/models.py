@@ -10,9 +10,9 @@ One entry point, `load_model(spec, ...)`, serves the API and the CLI. A spec is 
 from __future__ import annotations
 
 import importlib
-import pickle
+import warnings
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +20,11 @@ import torch
 import torchvision
 from torch import nn
 
-from renorm.data import PRESETS, Preset
-from renorm.errors import RenormError
+from renorm import export
+from renorm.checkpoint import (LoadedModel, apply_state_dict, describe_file, find_state_dict,
+                               load_state_dict_file, read_torch_file)
+from renorm.errors import RenormError, one_line
+from renorm.images import PRESETS, Preset
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
@@ -49,17 +52,6 @@ REFERENCE_MODELS: dict[str, ReferenceModel] = {
 
 # name -> (width, depth, image size); TF's preprocessing crops image_size out of image_size + 32.
 EFFICIENTNET_LITE = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
-
-
-@dataclass
-class LoadedModel:
-    """A model with what is needed to preprocess its input and to rebuild it later."""
-
-    model: nn.Module
-    spec: str
-    preset: Preset | None
-    num_classes: int | None = None
-    source: dict[str, Any] = field(default_factory=dict)
 
 
 def reference_architecture(name: str) -> nn.Module:
@@ -95,7 +87,7 @@ def _no_extras(spec: str, weights: str | None, num_classes: int | None) -> None:
                           "or use torchvision:NAME for your own weights")
 
 
-def _torchvision(name: str, weights: str | None, num_classes: int | None) -> LoadedModel:
+def _torchvision(name: str, weights: str | None, num_classes: int | None, warn_random: bool = True) -> LoadedModel:
     available = torchvision.models.list_models(module=torchvision.models)
     if name not in available:
         close = [m for m in available if name.split("_")[0] in m][:8]
@@ -118,58 +110,11 @@ def _torchvision(name: str, weights: str | None, num_classes: int | None) -> Loa
         model = torchvision.models.get_model(name, weights=None, **kwargs)
         if weights is not None:
             load_state_dict_file(model, Path(weights).expanduser(), f"torchvision:{name}")
+        elif warn_random:
+            warnings.warn(f"torchvision:{name} has random weights: no --weights given (a state_dict file, or a "
+                          "torchvision weights name such as DEFAULT)", stacklevel=3)
     return LoadedModel(model, f"torchvision:{name}", PRESETS["imagenet"], num_classes,
                        {"kind": "torchvision", "name": name, "num_classes": num_classes})
-
-
-def load_state_dict_file(model: nn.Module, path: Path, what: str) -> None:
-    """Load a state_dict (or a checkpoint holding one) safely into `model`, with clear errors."""
-    if not path.exists():
-        raise RenormError(f"weights file {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise RenormError(f"{path} holds more than tensors (a pickled object); save model.state_dict() "
-                          "instead, or load the whole module as MODEL with --trust-pickle") from None
-    except Exception as error:  # noqa: BLE001
-        raise RenormError(f"cannot read weights file {path}: {error}") from None
-    state = _find_state_dict(state)
-    if state is None:
-        raise RenormError(f"{path} holds no state_dict (a dict of tensors, or a checkpoint with "
-                          "'state_dict' / 'model' in it)")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    apply_state_dict(model, state, f"weights {path.name}", what)
-
-
-def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], name: str, what: str) -> None:
-    """model.load_state_dict(state) with a one-line error that names the mismatch."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-                  for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or mismatched:
-        parts = []
-        if mismatched:
-            parts.append(f"shape mismatch in {len(mismatched)} tensors (first: {mismatched[0]})")
-        if missing:
-            parts.append(f"{len(missing)} missing (first: {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (first: {unexpected[0]})")
-        raise RenormError(f"{name} do not fit {what}: {'; '.join(parts)}; check the architecture "
-                          "and --num-classes")
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
-
-
-def _find_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
-    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model_state_dict", "model", "net", "weights"):
-            found = _find_state_dict(obj.get(key))
-            if found is not None:
-                return found
-    return None
 
 
 def _reference(name: str) -> LoadedModel:
@@ -203,34 +148,40 @@ def _efficientnet_lite(name: str) -> LoadedModel:
 def _from_file(path: Path, weights: str | None, num_classes: int | None, trust_pickle: bool) -> LoadedModel:
     if path.is_dir():
         raise RenormError(f"{path} is a folder; MODEL must be a spec or a model file")
+    found = describe_file(path)
+    if found is not None:
+        raise RenormError(f"model file {path} is {found}, not a model: give torchvision:NAME, a reference model, "
+                          "or a file written by torch.save or renorm compress --out")
     if _is_torchscript(path):
         _no_extras(str(path), weights, num_classes)
         try:
             model = torch.jit.load(str(path), map_location="cpu")
         except Exception as error:  # noqa: BLE001
-            raise RenormError(f"cannot load TorchScript archive {path}: {error}") from None
+            raise RenormError(f"cannot load TorchScript archive {path}: {one_line(error)}") from None
         return LoadedModel(model, str(path), PRESETS["imagenet"], None, {"kind": "torchscript", "path": str(path)})
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        if not trust_pickle:
-            raise RenormError(f"{path} is a pickled Python object; unpickling runs code from the file. "
-                              "If you trust it, pass --trust-pickle; else save a state_dict and use "
-                              "torchvision:NAME --weights FILE") from None
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # noqa: BLE001
-        raise RenormError(f"cannot read model file {path}: {error}") from None
+    obj = read_torch_file(path, "model file", trust_pickle, untrusted="is a pickled Python object; unpickling runs "
+                          "code from the file. If you trust it, pass --trust-pickle; else save a state_dict and use "
+                          "torchvision:NAME --weights FILE")
     if isinstance(obj, dict) and "renorm_format" in obj:
-        from renorm.export import load_compressed
-
-        return load_compressed(obj, path, trust_pickle=trust_pickle)
+        _no_extras(str(path), weights, num_classes)
+        return export.load_compressed(obj, path, _rebuild, trust_pickle=trust_pickle)
     if isinstance(obj, nn.Module):
         _no_extras(str(path), weights, num_classes)
         return LoadedModel(obj, str(path), PRESETS["imagenet"], None, {"kind": "pickle", "path": str(path)})
-    if _find_state_dict(obj) is not None:
+    if find_state_dict(obj) is not None:
         raise RenormError(f"{path} holds only weights (a state_dict); name the architecture too: "
                           f"renorm ... torchvision:NAME --weights {path}")
     raise RenormError(f"{path} is neither a model nor a renorm output (found a {type(obj).__name__})")
+
+
+def _rebuild(source: dict[str, Any]) -> nn.Module:
+    """The architecture a renorm file names (its weights come from the file)."""
+    kind = source.get("kind")
+    if kind == "torchvision":
+        return _torchvision(source["name"], None, source.get("num_classes"), warn_random=False).model
+    if kind in ("reference", "efficientnet-lite"):
+        return load_model(source["name"]).model
+    raise RenormError(f"the file names an unknown model kind {kind!r}")
 
 
 def _is_torchscript(path: Path) -> bool:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from renorm.data import ImageSource, Preset
+from renorm.images import ImageSource, Preset
 from renorm.errors import RenormError
 
 SPLITS = {"calib": (("skimage", "astronaut"), ("skimage", "chelsea"), ("skimage", "coffee"),

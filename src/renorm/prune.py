@@ -21,8 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from renorm.errors import RenormError
-from renorm.quantize.weights import MASK_ATTRIBUTE, quantizable_layers
+from renorm.errors import RenormError, one_line
+from renorm.forward import eval_mode, forward
+from renorm.layers import check_layer_names, first_and_last, is_depthwise, quantizable_layers
+from renorm.quantize.weights import MASK_ATTRIBUTE
 
 KINDS = ("unstructured", "filter")
 SCOPES = ("layer", "global")
@@ -55,28 +57,23 @@ class PruneConfig:
                 raise RenormError(f"{flag} {value!r} is not one of {', '.join(allowed)}")
 
 
-def prunable_layers(model: nn.Module, config: PruneConfig) -> list[tuple[str, nn.Module]]:
-    """Layers unstructured pruning touches: not excluded, not depthwise or first/last unless asked."""
-    layers = quantizable_layers(model)
-    names = {name for name, _ in layers}
-    unknown = [name for name in config.exclude if name not in names]
-    if unknown:
-        raise RenormError(f"--prune-exclude names no conv/linear layer {unknown[0]!r}; layers are e.g. "
-                          f"{', '.join(list(names)[:5])}")
-    ends = {layers[0][0], layers[-1][0]} if layers and not config.prune_first_last else set()
-    return [(name, m) for name, m in layers if name not in config.exclude and name not in ends
-            and (config.prune_depthwise or not _is_depthwise(m))]
+def prunable_layers(model: nn.Module, config: PruneConfig,
+                    example: torch.Tensor | None = None) -> list[tuple[str, nn.Module]]:
+    """Layers unstructured pruning touches: not excluded, not depthwise or first/last unless asked.
 
-
-def _is_depthwise(module: nn.Module) -> bool:
-    return isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and module.groups == module.in_channels
+    example: input images, to find the first and last layer by execution (renorm.layers.first_and_last).
+    """
+    check_layer_names(model, config.exclude, "--prune-exclude")
+    ends = set() if config.prune_first_last else set(first_and_last(model, example))
+    return [(name, m) for name, m in quantizable_layers(model) if name not in config.exclude and name not in ends
+            and (config.prune_depthwise or not is_depthwise(m))]
 
 
 # --------------------------------------------------------------------------- unstructured
 @torch.no_grad()
-def magnitude_prune(model: nn.Module, config: PruneConfig) -> nn.Module:
-    """Zero the smallest weights in place and keep the masks on the modules."""
-    layers = prunable_layers(model, config)
+def magnitude_prune(model: nn.Module, config: PruneConfig, example: torch.Tensor | None = None) -> nn.Module:
+    """Zero the smallest weights in place and keep the masks on the modules (example: see prunable_layers)."""
+    layers = prunable_layers(model, config, example)
     if not layers:
         raise RenormError("no layer left to prune: every conv/linear layer is excluded")
     if config.scope == "global":
@@ -125,21 +122,19 @@ def _torch_pruning():
 ROUND_TO = 8
 
 
-def filter_prune(model: nn.Module, config: PruneConfig, example: torch.Tensor,
-                 progress: bool = False) -> nn.Module:
-    """Remove output channels in place (Torch-Pruning); record the history (to rebuild saved files)."""
+def filter_prune(model: nn.Module, config: PruneConfig, example: torch.Tensor) -> nn.Module:
+    """Remove output channels in place (Torch-Pruning); append the step to the model's pruning record.
+
+    The record (HISTORY_ATTRIBUTE: one entry per filter pruning of this model) rebuilds
+    saved files and tells shift re-normalization exactly which channels were kept.
+    """
     tp = _torch_pruning()
-    layers = quantizable_layers(model)
-    names = {name for name, _ in layers}
-    unknown = [name for name in config.exclude if name not in names]
-    if unknown:
-        raise RenormError(f"--prune-exclude names no conv/linear layer {unknown[0]!r}")
+    check_layer_names(model, config.exclude, "--prune-exclude")
     # The classifier's outputs are the classes; the stem's channels feed the whole first stage
     # (in a ResNet, its residual stream): spared unless prune_first_last.
-    excluded = set(config.exclude) | ({layers[-1][0]} if layers else set())
-    if layers and not config.prune_first_last:
-        excluded.add(layers[0][0])
-    ignored = [m for name, m in layers if name in excluded]
+    ends = first_and_last(model, example)
+    excluded = set(config.exclude) | set(ends[1:]) | (set() if config.prune_first_last else set(ends[:1]))
+    ignored = [m for name, m in quantizable_layers(model) if name in excluded]
     importance = {"l1": lambda: tp.importance.MagnitudeImportance(p=1),
                   "l2": lambda: tp.importance.MagnitudeImportance(p=2),
                   "bn": lambda: tp.importance.BNScaleImportance()}[config.importance]()
@@ -147,50 +142,97 @@ def filter_prune(model: nn.Module, config: PruneConfig, example: torch.Tensor,
     params_before, macs_before = _count(model, example)
     steps = 1 if config.budget == "filters" else 40
     ratio = config.fraction if config.budget == "filters" else 0.95
-    pruner = tp.pruner.MetaPruner(model, example, importance=importance, pruning_ratio=ratio,
-                                  global_pruning=config.scope == "global", ignored_layers=ignored,
-                                  iterative_steps=steps, round_to=ROUND_TO)
-    for _ in range(steps):
-        if config.budget != "filters":
-            params, macs = _count(model, example)
-            done = (1 - params / params_before) if config.budget == "params" else (1 - macs / macs_before)
-            if done >= config.fraction:
-                break
-        pruner.step()
-    model.eval()
-    setattr(model, HISTORY_ATTRIBUTE, {"history": [[n, bool(o), [int(i) for i in idx]]
-                                                   for n, o, idx in pruner.pruning_history()],
-                                       "input_shape": list(example.shape)})
+    try:
+        with torch.enable_grad(), eval_mode(model):  # Torch-Pruning traces autograd; BatchNorm must not update
+            pruner = tp.pruner.MetaPruner(model, example, importance=importance, pruning_ratio=ratio,
+                                          global_pruning=config.scope == "global", ignored_layers=ignored,
+                                          iterative_steps=steps, round_to=ROUND_TO)
+            for _ in range(steps):
+                if config.budget != "filters":
+                    params, macs = _count(model, example)
+                    done = (1 - params / params_before) if config.budget == "params" else (1 - macs / macs_before)
+                    if done >= config.fraction:
+                        break
+                pruner.step()
+            history = pruner.pruning_history()
+    except Exception as error:  # noqa: BLE001 - Torch-Pruning raises many kinds
+        raise RenormError(f"Torch-Pruning could not filter-prune this model ({one_line(error)}); use "
+                          "--prune-type unstructured, or spare the layer with --prune-exclude") from None
+    _check_still_runs(model, example)
+    step = {"history": [[n, bool(o), [int(i) for i in idx]] for n, o, idx in history],
+            "input_shape": list(example.shape)}
+    setattr(model, HISTORY_ATTRIBUTE, pruning_steps(getattr(model, HISTORY_ATTRIBUTE, None)) + [step])
     return model
 
 
-def apply_pruned_channels(model: nn.Module, record: dict[str, Any]) -> nn.Module:
-    """Redo a recorded filter pruning on a freshly built model (for loading saved files)."""
+@torch.no_grad()
+def _check_still_runs(model: nn.Module, example: torch.Tensor) -> None:
+    try:
+        with eval_mode(model):
+            model(example)
+    except Exception as error:  # noqa: BLE001 - whatever the model's own code raises
+        raise RenormError(f"after filter pruning the model no longer runs ({one_line(error)}): its forward "
+                          "assumes fixed channel counts; spare those layers with --prune-exclude or use "
+                          "--prune-type unstructured") from None
+
+
+def pruning_steps(record: Any) -> list[dict[str, Any]]:
+    """The steps of a pruning record: a list of {history, input_shape} (a single dict in files before re-pruning)."""
+    if record is None:
+        return []
+    return [record] if isinstance(record, dict) else list(record)
+
+
+def apply_pruned_channels(model: nn.Module, record: Any) -> nn.Module:
+    """Redo a recorded filter pruning, step by step, on a freshly built model (for saved files)."""
     tp = _torch_pruning()
-    graph = tp.DependencyGraph().build_dependency(model, torch.zeros(record["input_shape"]))
-    graph.load_pruning_history([(n, o, idx) for n, o, idx in record["history"]])
+    try:
+        with torch.enable_grad(), eval_mode(model):
+            for step in pruning_steps(record):
+                graph = tp.DependencyGraph().build_dependency(model, torch.zeros(step["input_shape"]))
+                graph.load_pruning_history([(n, o, idx) for n, o, idx in step["history"]])
+    except Exception as error:  # noqa: BLE001 - Torch-Pruning raises many kinds
+        raise RenormError(f"the recorded filter pruning does not apply to this model ({one_line(error)})") from None
     return model
+
+
+def kept_channels(original: nn.Module, record: Any) -> dict[str, torch.Tensor]:
+    """For each BatchNorm of `original`, the indices of the channels a recorded filter pruning keeps.
+
+    Replays the record (Torch-Pruning's own list of removed channels) on a copy of
+    `original` whose BatchNorms hold their channel numbers as running means.
+    """
+    tagged = copy.deepcopy(original)
+    for module in tagged.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+            module.running_mean.copy_(torch.arange(module.num_features, dtype=module.running_mean.dtype))
+    apply_pruned_channels(tagged, record)
+    return {name: module.running_mean.round().long() for name, module in tagged.named_modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None}
 
 
 # --------------------------------------------------------------------------- entry point
 def prune(model: nn.Module, config: PruneConfig, example: torch.Tensor | None = None,
-          progress: bool = False, latency_repeats: int = 5) -> tuple[nn.Module, dict[str, Any]]:
-    """Prune `model` in place; return it with a report (params, MACs, size, sparsity or channels).
+          latency_repeats: int = 5, inplace: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """Return the pruned model (a copy unless inplace=True) and a report (params, MACs, size, sparsity or channels).
 
-    example: a batch of real input images; the first traces the model, the batch times
-    the filter-pruned model against the original (same batch, same threads; the median
-    of latency_repeats passes each, the two models alternating so that a change in the
-    machine's load hits both alike).
+    example: a batch of real input images; the first traces the model and finds its
+    first and last layer, the batch times the filter-pruned model against the original
+    (same batch, same threads; the median of latency_repeats passes each, the two models
+    alternating so that a change in the machine's load hits both alike).
     """
     if example is None:
         raise RenormError("pruning needs one example image to trace the model")
     params_before, macs_before = _count(model, example[:1])
     size_before = state_dict_bytes(model)
-    original = copy.deepcopy(model).eval() if config.kind == "filter" else None
-    if config.kind == "unstructured":
-        magnitude_prune(model, config)
+    if inplace:  # keep the original only to time it against the filter-pruned model
+        original = copy.deepcopy(model) if config.kind == "filter" else None
     else:
-        filter_prune(model, config, example, progress)
+        original, model = model, copy.deepcopy(model)
+    if config.kind == "unstructured":
+        magnitude_prune(model, config, example)
+    else:
+        filter_prune(model, config, example)
     params_after, macs_after = _count(model, example[:1])
     report: dict[str, Any] = {
         "type": config.kind, "scope": config.scope, "fraction": config.fraction,
@@ -216,7 +258,13 @@ def _out_channels(module: nn.Module) -> int:
 
 
 def _count(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
-    """(parameters, multiply-accumulates per image) of the model as it is stored (dense)."""
+    """(parameters, multiply-accumulates per image) of the model as it is stored (dense).
+
+    MACs of conv and linear layers only, as the published tables count them; Torch-Pruning's
+    op counter (tp.utils.count_ops_and_params) also counts BatchNorm, activations and
+    pooling (37.18M against 37.02M for resnet18 at 32x32, 6.52M against 6.12M for
+    mobilenet_v2), so it is not used here.
+    """
     params = sum(p.numel() for p in model.parameters())
     macs = 0
 
@@ -229,15 +277,12 @@ def _count(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
             macs += module.weight.numel() * (output[0].numel() // module.out_features)
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            model(example)
+        with torch.no_grad(), eval_mode(model):
+            forward(model, example)
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     return params, macs
 
 
@@ -261,13 +306,19 @@ def compare_latency(first: nn.Module, second: nn.Module, example: torch.Tensor, 
 
 @torch.no_grad()
 def _median_pass_ms(models: tuple[nn.Module, ...], example: torch.Tensor, repeats: int) -> list[float]:
-    for model in models:
-        model.eval()
-        model(example)
+    """Median milliseconds per pass, the models' passes alternating.
+
+    torch.utils.benchmark.Timer times one statement at a time (no alternation between two
+    models) and its import logs a CUDA_HOME warning on machines without CUDA, which would
+    reach the user's terminal; a perf_counter loop does the job.
+    """
     times: list[list[float]] = [[] for _ in models]
-    for _ in range(repeats):
-        for model, spent in zip(models, times):
-            start = time.perf_counter()
-            model(example)
-            spent.append(1000 * (time.perf_counter() - start))
+    with eval_mode(*models):
+        for model in models:
+            forward(model, example)  # warm-up, and a clear error if the example does not fit
+        for _ in range(repeats):
+            for model, spent in zip(models, times):
+                start = time.perf_counter()
+                model(example)
+                spent.append(1000 * (time.perf_counter() - start))
     return [statistics.median(spent) for spent in times]

@@ -35,15 +35,17 @@ from __future__ import annotations
 
 import copy
 import warnings
-from contextlib import contextmanager
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from renorm.data import Batches
+from renorm.data import Batches, no_readable_images
 from renorm.errors import RenormError
+from renorm.forward import eval_mode, forward
+from renorm.prune import HISTORY_ATTRIBUTE, kept_channels, pruning_steps
 
 MODES = ("exact", "shift", "none")
 _DEAD = 1e-10  # a channel whose variance is below this fraction of its layer's mean variance
@@ -123,6 +125,21 @@ def renormalize(model: nn.Module, images: Any, mode: str = "exact", reference: n
     DataLoader); batch_size is how they are read. chunk: images per progressive step (see
     the module docstring). reference: the uncompressed model, required by mode='shift'.
     Nothing but running_mean / running_var changes; the model comes back in eval mode.
+    A BatchNorm that never runs on the images keeps its statistics, and one that runs
+    more than once per forward pass pools all its call sites; a warning names both
+    (renormalize_with_summary also returns them).
+    """
+    return renormalize_with_summary(model, images, mode, reference, batch_size, chunk, inplace, progress)[0]
+
+
+@torch.no_grad()
+def renormalize_with_summary(model: nn.Module, images: Any, mode: str = "exact", reference: nn.Module | None = None,
+                             batch_size: int = 50, chunk: int = 64, inplace: bool = False,
+                             progress: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """renormalize(), and what it did.
+
+    The summary: {"mode", "images", "layers_updated", "not_run": [names of BatchNorms that
+    never ran], "shared": {name: calls per forward pass, for those that ran more than once}}.
     """
     if mode not in MODES:
         raise RenormError(f"unknown re-normalization mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -133,42 +150,50 @@ def renormalize(model: nn.Module, images: Any, mode: str = "exact", reference: n
                           "load the eager model instead (torchvision:NAME --weights FILE)")
     work = model if inplace else copy.deepcopy(model)
     work.eval()
+    summary: dict[str, Any] = {"mode": mode, "images": 0, "layers_updated": 0, "not_run": [], "shared": {}}
     if mode == "none":
-        return work
+        return work, summary
     layers = batchnorm_layers(work)
     _warn_skipped(work)
     if not layers:
         warnings.warn("the model has no BatchNorm layer with running statistics; nothing to re-normalize",
-                      stacklevel=2)
-        return work
-    target = _targets(mode, layers, reference)
+                      stacklevel=3)
+        return work, summary
+    target = _targets(mode, layers, reference, getattr(work, HISTORY_ATTRIBUTE, None))
     stream = Batches(images, batch_size, progress, f"renormalize ({mode})")
-    with _eval_mode(reference):
-        _progressive_pass(work, layers, stream, chunk, target, reference if mode == "shift" else None)
-    return work
+    with eval_mode(reference):
+        calls, passes, summary["images"] = _progressive_pass(work, layers, stream, chunk, target,
+                                                             reference if mode == "shift" else None)
+    summary["not_run"] = [name for name, _ in layers if calls[name] == 0]
+    summary["shared"] = {name: count // passes for name, count in calls.items() if count > passes}
+    summary["layers_updated"] = len(layers) - len(summary["not_run"])
+    _warn_unusual(summary)
+    return work, summary
 
 
-@contextmanager
-def _eval_mode(model: nn.Module | None):
-    """Put `model` in eval mode for the block, then restore every module's own flag."""
-    flags = [(m, m.training) for m in model.modules()] if model is not None else []
-    if model is not None:
-        model.eval()
-    try:
-        yield
-    finally:
-        for module, flag in flags:
-            module.training = flag
+def _warn_unusual(summary: dict[str, Any]) -> None:
+    not_run, shared = summary["not_run"], summary["shared"]
+    if not_run:
+        warnings.warn(f"{len(not_run)} BatchNorm layers never ran on the images and keep their old statistics "
+                      f"(unused in forward, or bypassed by a fused module): {', '.join(not_run[:5])}", stacklevel=4)
+    for name, count in list(shared.items())[:5]:
+        warnings.warn(f"BatchNorm {name} runs {count} times per forward pass: its statistics pool the inputs of "
+                      f"all {count} call sites", stacklevel=4)
 
 
 def _progressive_pass(work: nn.Module, layers: list, stream: Batches, chunk: int, target: "Target",
-                      reference: nn.Module | None) -> None:
-    """One pass in chunks; each BatchNorm takes its statistics from all inputs so far before it normalizes."""
+                      reference: nn.Module | None) -> tuple[dict[str, int], int, int]:
+    """One pass in chunks; each BatchNorm takes its statistics from all inputs so far before it normalizes.
+
+    Returns how many times each BatchNorm ran, the number of forward passes, and of images.
+    """
     moments = {name: Moments() for name, _ in layers}
     reference_moments = {name: Moments() for name, _ in batchnorm_layers(reference)} if reference is not None else {}
+    calls = dict.fromkeys(moments, 0)
 
     def update(name: str):
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            calls[name] += 1
             moments[name].add(args[0])
             ref = reference_moments.get(name)
             ref_pair = (ref.mean, ref.variance) if ref is not None else None
@@ -179,18 +204,19 @@ def _progressive_pass(work: nn.Module, layers: list, stream: Batches, chunk: int
     if reference is not None:
         handles += [module.register_forward_pre_hook(lambda _m, args, acc=reference_moments[name]: acc.add(args[0]))
                     for name, module in batchnorm_layers(reference)]
+    passes = count = 0
     try:
-        count = 0
         for images in rechunk(stream.images(), chunk):
-            count += len(images)
+            passes, count = passes + 1, count + len(images)
             if reference is not None:
-                _forward(reference, images)
-            _forward(work, images)
+                forward(reference, images)
+            forward(work, images)
     finally:
         for handle in handles:
             handle.remove()
-    if count == 0:
-        raise RenormError("no readable images to re-normalize on: every file was skipped or the set is empty")
+    if passes == 0:
+        raise no_readable_images(stream, "to re-normalize on")
+    return calls, passes, count
 
 
 def rechunk(batches: Any, size: int):
@@ -218,23 +244,31 @@ def _warn_skipped(model: nn.Module) -> None:
 
 
 def matched_channels(original: nn.modules.batchnorm._BatchNorm, pruned: nn.modules.batchnorm._BatchNorm) -> list[int]:
-    """Index in `original` of each channel of `pruned`, a copy of it with channels removed.
+    """Index in `original` of each channel of `pruned`, a copy of it with channels removed, found by stored numbers.
 
-    Channel pruning (renorm's, or Torch-Pruning's used directly) keeps each surviving
-    channel's stored numbers (running mean and variance, weight, bias): a channel is found
-    by them. Channels with identical numbers are interchangeable, whichever is taken.
+    For models pruned outside renorm (renorm's filter pruning records the exact channels:
+    see prune.kept_channels). Pruning keeps each surviving channel's stored numbers
+    (running mean and variance, weight, bias) and their order. Where several channels
+    of `original` share the same numbers and only some of them were kept (a fresh or
+    untrained BatchNorm, say), the numbers cannot tell which: that raises a RenormError
+    rather than guess.
     """
     lookup: dict[tuple, list[int]] = {}
     for index, row in enumerate(_stored_numbers(original).tolist()):
         lookup.setdefault(tuple(row), []).append(index)
-    kept = []
-    for row in _stored_numbers(pruned).tolist():
-        candidates = lookup.get(tuple(row))
-        if not candidates:
-            raise RenormError(f"a BatchNorm with {pruned.num_features} channels is not a pruned copy of the reference's "
-                              f"with {original.num_features}: its stored numbers differ (use --renorm exact)")
-        kept.append(candidates.pop(0))
-    return kept
+    rows = [tuple(row) for row in _stored_numbers(pruned).tolist()]
+    kept_per_row = Counter(rows)
+    for row, count in kept_per_row.items():
+        candidates = lookup.get(row, [])
+        if len(candidates) < count:
+            raise RenormError(f"a BatchNorm with {pruned.num_features} channels is not a pruned copy of the "
+                              f"reference's with {original.num_features}: its stored numbers differ "
+                              "(use --renorm exact)")
+        if len(candidates) > count:
+            raise RenormError(f"{len(candidates)} channels of the reference share the same stored numbers and "
+                              f"{count} of them were kept: which ones cannot be told from the numbers "
+                              "(use --renorm exact, or prune with renorm, which records the removed channels)")
+    return [lookup[row].pop(0) for row in rows]
 
 
 def _stored_numbers(bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
@@ -247,26 +281,28 @@ def _stored_numbers(bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
 Target = Callable[[str, torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, torch.Tensor]]
 
 
-def _targets(mode: str, layers: list, reference: nn.Module | None) -> Target:
-    """The rule that turns measured input statistics into a layer's new statistics."""
+def _targets(mode: str, layers: list, reference: nn.Module | None, record: Any) -> Target:
+    """The rule that turns measured input statistics into a layer's new statistics.
+
+    shift starts from the reference's stored statistics (of the kept channels after
+    filter pruning), never from the compressed model's current ones: applying it twice
+    gives the same model as once.
+    """
     if mode == "exact":
         return lambda name, mean, var, ref: (mean, var)
     if reference is None:
         raise RenormError("shift re-normalization needs the uncompressed reference model")
     reference_layers = dict(batchnorm_layers(reference))
-    kept: dict[str, torch.Tensor] = {}
-    for name, module in layers:
-        other = reference_layers.get(name)
-        if other is None:
+    for name, _ in layers:
+        if name not in reference_layers:
             raise RenormError(f"shift re-normalization needs the same BatchNorm layers in both models; "
                               f"{name!r} is missing from the reference (use --renorm exact)")
-        if other.running_mean.shape == module.running_mean.shape:
-            continue
-        try:
-            kept[name] = torch.tensor(matched_channels(other, module))
-        except RenormError as error:
-            raise RenormError(f"shift re-normalization, BatchNorm {name!r}: {error}") from None
-    original = {name: (m.running_mean.double().clone(), m.running_var.double().clone()) for name, m in layers}
+    kept = _kept_channels(layers, reference_layers, reference, record)
+    original = {}
+    for name, _ in layers:
+        index = kept.get(name, slice(None))
+        other = reference_layers[name]
+        original[name] = (other.running_mean.double()[index].clone(), other.running_var.double()[index].clone())
 
     def shift(name: str, mean: torch.Tensor, var: torch.Tensor, ref: Any) -> tuple[torch.Tensor, torch.Tensor]:
         ref_mean, ref_var = ref
@@ -285,14 +321,32 @@ def _targets(mode: str, layers: list, reference: nn.Module | None) -> Target:
     return shift
 
 
+def _kept_channels(layers: list, reference_layers: dict, reference: nn.Module, record: Any) -> dict[str, torch.Tensor]:
+    """For each BatchNorm with fewer channels than the reference's: the reference's index of each kept channel.
+
+    From the model's own pruning record when it has one (exact), else by stored numbers.
+    """
+    pruned = [(name, m) for name, m in layers if m.num_features != reference_layers[name].num_features]
+    if not pruned:
+        return {}
+    steps, done = pruning_steps(record), pruning_steps(getattr(reference, HISTORY_ATTRIBUTE, None))
+    if steps and steps[:len(done)] == done:  # the reference may itself be an earlier step of the record
+        recorded = kept_channels(reference, steps[len(done):])
+        for name, module in pruned:
+            if name not in recorded or len(recorded[name]) != module.num_features:
+                raise RenormError(f"shift re-normalization: the model's pruning record does not lead from the "
+                                  f"reference to BatchNorm {name!r} with {module.num_features} channels; give the "
+                                  "model it was pruned from as the reference, or use --renorm exact")
+        return {name: recorded[name] for name, _ in pruned}
+    kept = {}
+    for name, module in pruned:
+        try:
+            kept[name] = torch.tensor(matched_channels(reference_layers[name], module))
+        except RenormError as error:
+            raise RenormError(f"shift re-normalization, BatchNorm {name!r}: {error}") from None
+    return kept
+
+
 def _set_statistics(module: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor) -> None:
     module.running_mean.copy_(mean.to(module.running_mean.dtype))
     module.running_var.copy_(var.clamp_min(0).to(module.running_var.dtype))
-
-
-def _forward(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    try:
-        return model(images)
-    except RuntimeError as error:
-        raise RenormError(f"images of shape {tuple(images.shape[1:])} do not fit the model "
-                          f"({str(error).splitlines()[0]}); set --resize/--crop to the model's input size") from None

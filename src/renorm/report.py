@@ -9,13 +9,13 @@ model on unlabeled data. Also "config", "model", "calibration", "evaluation", "s
 from __future__ import annotations
 
 import json
-import os
 import resource
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from renorm.files import write_atomic
 
 STAGE_LABELS = {"fp32": "FP32", "compressed": "compressed, before re-normalization",
                 "renormalized": "compressed + re-normalized", "final": "+ activation quantization",
@@ -78,18 +78,9 @@ def _format(key: str, value: float | None) -> str:
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write JSON to a temporary file beside `path`, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, default=_jsonable)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write `data` as indented JSON to `path`, atomically (renorm.files.write_atomic)."""
+    text = json.dumps(data, indent=2, default=_jsonable) + "\n"
+    write_atomic(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 def _jsonable(value: Any) -> Any:

@@ -7,8 +7,7 @@ model on the same images. Layers whose agreement falls fast are the ones to spar
 """
 from __future__ import annotations
 
-import os
-import tempfile
+import copy
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,23 +17,26 @@ from torch import nn
 from renorm.errors import RenormError
 from renorm.evaluate import agreement, predict
 from renorm.prune import PruneConfig, magnitude_prune
-from renorm.quantize.weights import MASK_ATTRIBUTE, quantizable_layers
-from renorm.renormalize import batchnorm_layers, renormalize
+from renorm.layers import quantizable_layers
+from renorm.plots import pyplot, save_figure
+from renorm.quantize.weights import MASK_ATTRIBUTE
+from renorm.renormalize import MODES, batchnorm_layers, renormalize
 
 
 @torch.no_grad()
 def sensitivity(model: nn.Module, images: Any, sparsities: Sequence[float] = (0.3, 0.5, 0.7, 0.9),
                 renorm: str = "exact", batch_size: int = 50, progress: bool = False) -> list[dict[str, Any]]:
-    """Rows of {layer, sparsity, agreement_top1, agreement_top5, kl}; `model` is restored afterwards."""
+    """Rows of {layer, sparsity, agreement_top1, agreement_top5, kl}; `model` itself is never modified."""
     from tqdm.auto import tqdm
 
     for s in sparsities:
         PruneConfig(s)  # validates the range
-    model.eval()
+    if renorm not in MODES:
+        raise RenormError(f"--renorm {renorm!r} is not a mode; choose one of {', '.join(MODES)}")
     reference_logits, _ = predict(model, images, batch_size)
-    reference = _frozen_copy(model) if renorm == "shift" else None
-    layers = quantizable_layers(model)
-    bn_state = {name: (bn.running_mean.clone(), bn.running_var.clone()) for name, bn in batchnorm_layers(model)}
+    work = copy.deepcopy(model).eval()
+    layers = quantizable_layers(work)
+    bn_state = {name: (bn.running_mean.clone(), bn.running_var.clone()) for name, bn in batchnorm_layers(work)}
     rows = []
     with tqdm(total=len(layers) * len(sparsities), desc="sensitivity", disable=not progress, leave=False) as bar:
         for name, module in layers:
@@ -42,26 +44,20 @@ def sensitivity(model: nn.Module, images: Any, sparsities: Sequence[float] = (0.
             old_mask = getattr(module, MASK_ATTRIBUTE, None)
             for s in sparsities:
                 try:
-                    magnitude_prune(model, PruneConfig(s, exclude=tuple(n for n, _ in layers if n != name),
-                                                       prune_first_last=True, prune_depthwise=True))
+                    magnitude_prune(work, PruneConfig(s, exclude=tuple(n for n, _ in layers if n != name),
+                                                      prune_first_last=True, prune_depthwise=True))
                     if renorm != "none":
-                        renormalize(model, images, renorm, reference=reference, batch_size=batch_size, inplace=True)
-                    logits, _ = predict(model, images, batch_size)
+                        renormalize(work, images, renorm, reference=model, batch_size=batch_size, inplace=True)
+                    logits, _ = predict(work, images, batch_size)
                     rows.append({"layer": name, "sparsity": s, **agreement(logits, reference_logits)})
                 finally:
                     module.weight.copy_(weight)
                     _restore_mask(module, old_mask)
-                    for bn_name, bn in batchnorm_layers(model):
+                    for bn_name, bn in batchnorm_layers(work):
                         bn.running_mean.copy_(bn_state[bn_name][0])
                         bn.running_var.copy_(bn_state[bn_name][1])
                 bar.update(1)
     return rows
-
-
-def _frozen_copy(model: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(model).eval()
 
 
 def _restore_mask(module: nn.Module, mask: torch.Tensor | None) -> None:
@@ -99,32 +95,6 @@ def plot_sensitivity(rows: list[dict[str, Any]], path: str | Path, title: str = 
     ax.grid(alpha=0.3)
     if len(layers) <= 30:
         ax.legend(fontsize=6, ncol=2, loc="lower left")
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
-def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend, or a RenormError naming the extra to install."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise RenormError("plots need matplotlib: pip install 'renorm[plot]'") from None
-    return plt
-
-
-def _save_figure(fig: Any, path: str | Path) -> None:
-    """Write a matplotlib figure as PNG, atomically, and close it."""
-    plt = pyplot()
-    path = Path(path)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)

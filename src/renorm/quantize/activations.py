@@ -9,15 +9,17 @@ so layer names and state_dict keys stay as they were.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from renorm.data import Batches
+from renorm.data import Batches, no_readable_images
 from renorm.errors import RenormError
-from renorm.quantize.weights import quantizable_layers
+from renorm.forward import eval_mode, forward
+from renorm.layers import quantizable_layers
 
 ATTRIBUTE = "_renorm_act"  # where a module keeps the ActivationQuantizer of its input
 
@@ -105,45 +107,48 @@ def detach(model: nn.Module) -> None:
 
 @torch.no_grad()
 def calibrate_activations(model: nn.Module, images: Any, config: ActivationQuantConfig = ActivationQuantConfig(),
-                          batch_size: int = 50, progress: bool = False) -> nn.Module:
-    """Fit an input quantizer for every conv/linear layer on `config.num_images` images (in place)."""
-    layers = quantizable_layers(model)
-    if not layers:
+                          batch_size: int = 50, progress: bool = False, inplace: bool = False) -> nn.Module:
+    """Return `model` with an input quantizer fitted for every conv/linear layer (a copy unless inplace=True).
+
+    The scales are fitted on the first `config.num_images` images.
+    """
+    if not quantizable_layers(model):
         raise RenormError("the model has no conv or linear layer whose input could be quantized")
+    model = model if inplace else copy.deepcopy(model)
+    layers = quantizable_layers(model)
     detach(model)
     generator = torch.Generator().manual_seed(config.seed)
-    per_batch = max(1, config.max_samples // max(1, -(-config.num_images // batch_size)))
     samples: dict[str, list[torch.Tensor]] = {name: [] for name, _ in layers}
     max_abs = dict.fromkeys(samples, 0.0)
     negative = dict.fromkeys(samples, False)
 
     def collector(name: str):
         def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            # config.max_samples values per layer over config.num_images images, whatever the batches
+            budget = max(1, config.max_samples * len(args[0]) // config.num_images)
             x = args[0].detach().reshape(-1)
-            if x.numel() > per_batch:
-                x = x[torch.randint(x.numel(), (per_batch,), generator=generator)]
+            if x.numel() > budget:
+                x = x[torch.randint(x.numel(), (budget,), generator=generator)]
             samples[name].append(x.to(torch.float32).clone())
             max_abs[name] = max(max_abs[name], float(args[0].detach().abs().max()))
             negative[name] = negative[name] or bool((args[0] < 0).any())
         return hook
 
     handles = [module.register_forward_pre_hook(collector(name)) for name, module in layers]
-    was_training = model.training
-    model.eval()
     try:
         seen = 0
-        for batch in Batches(images, batch_size, progress, "calibrate activations").images():
-            batch = batch[: config.num_images - seen]
-            model(batch)
-            seen += len(batch)
-            if seen >= config.num_images:
-                break
+        with eval_mode(model):
+            for batch in Batches(images, batch_size, progress, "calibrate activations").images():
+                batch = batch[: config.num_images - seen]
+                forward(model, batch)
+                seen += len(batch)
+                if seen >= config.num_images:
+                    break
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     if seen == 0:
-        raise RenormError("activation calibration got no images")
+        raise no_readable_images(images, "to calibrate activations on")
     for name, module in layers:
         values = torch.cat(samples[name])
         attach(module, fit_activation_scale(values, max_abs[name], negative[name], config.bits))

@@ -8,29 +8,15 @@ the lowest error. `minmax` (alpha = max|W| / top level) is the naive baseline.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from renorm.errors import RenormError
-
-SCHEMES = ("pow2", "uniform", "minmax")
-BITS_RANGE = {"pow2": (2, 6), "uniform": (2, 8), "minmax": (2, 8)}
-QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear,
-               nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-
-
-def check_bits(scheme: str, bits: int) -> None:
-    """Raise a RenormError unless `bits` is valid for `scheme`."""
-    if scheme not in SCHEMES:
-        raise RenormError(f"unknown weight scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
-    low, high = BITS_RANGE[scheme]
-    if not low <= bits <= high:
-        extra = "; use --scheme uniform for 7 or 8 bits" if scheme == "pow2" and bits > high else ""
-        raise RenormError(f"--wbits {bits} is out of range for {scheme}: choose {low}..{high} "
-                          f"(or 32 to leave weights in float){extra}")
-
+from renorm.quantize.plan import check_bits, check_layer_bits, plan_bits
+# QUANTIZABLE is imported for code that still looks for it here, its old home.
+from renorm.layers import QUANTIZABLE, check_layer_names, first_and_last, quantizable_layers  # noqa: F401
 
 def top_code(scheme: str, bits: int) -> int:
     """Largest code, 2^(b-1) - 1: uniform levels are -m..m; pow2 codes +-k stand for +-2^(k-1)."""
@@ -63,7 +49,8 @@ def nearest_levels(x: torch.Tensor, scheme: str, bits: int) -> torch.Tensor:
         # Between 2^k and 2^(k+1) the midpoint is 1.5 * 2^k; below 0.5 the nearest level is 0.
         exponent = _floor_log2(magnitude * (4.0 / 3.0)).clamp(0, top - 1)
         return torch.where(magnitude >= 0.5, _exp2_int(exponent), 0.0).copysign(x)
-    # Round half away from zero, as the boundary search in _fit_rows does.
+    # Round half away from zero, as the boundary search in _fit_rows does (torch.fake_quantize_per_channel_affine
+    # rounds half to even: it gives another level at exact ties, so it is not used here).
     return torch.floor(x.abs() + 0.5).clamp(max=top).copysign(x)
 
 
@@ -205,15 +192,13 @@ class WeightQuantConfig:
     exclude: tuple[str, ...] = ()  # layer names left in float
     max_iterations: int = 100
     tolerance: float = 1e-6
-    layer_bits: tuple[tuple[str, int], ...] = ()  # (pattern, bits), later ones win; see renorm.quantize.bits
+    layer_bits: tuple[tuple[str, int], ...] = ()  # (pattern, bits), later ones win; see renorm.quantize.plan
 
     def __post_init__(self) -> None:
         if self.bits != 32:
             check_bits(self.scheme, self.bits)
         if self.first_last_bits != 0:
-            check_bits("uniform", self.first_last_bits)
-        from renorm.quantize.bits import check_layer_bits
-
+            check_bits("uniform", self.first_last_bits, "--first-last-bits", 0)
         for pattern, bits in self.layer_bits:
             check_layer_bits(pattern, bits)
 
@@ -222,26 +207,24 @@ ATTRIBUTE = "_renorm_quantized"  # where a module keeps its QuantizedWeight
 MASK_ATTRIBUTE = "_renorm_mask"  # where pruning keeps a module's weight mask
 
 
-def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Conv and linear layers in registration order (first and last are the model's ends)."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
-
-
 @torch.no_grad()
 def quantize_weights(model: nn.Module, config: WeightQuantConfig = WeightQuantConfig(),
-                     progress: bool = False) -> nn.Module:
-    """Quantize conv/linear weights in place (dequantized values in float, codes kept on the module)."""
+                     progress: bool = False, example: torch.Tensor | None = None, inplace: bool = False) -> nn.Module:
+    """Return `model` with quantized conv/linear weights (a copy unless inplace=True).
+
+    The weights stay float, holding the dequantized values; each layer keeps its integer
+    codes and scales for export. example: a batch of input images; the first and last
+    layer (config.first_last_bits) are then the first and last to run, else the first
+    and last registered (renorm.layers.first_and_last).
+    """
     from tqdm.auto import tqdm
 
+    check_layer_names(model, config.exclude, "--exclude")
+    model = model if inplace else copy.deepcopy(model)
     layers = quantizable_layers(model)
-    known = {name for name, _ in layers}
-    unknown = [name for name in config.exclude if name not in known]
-    if unknown:
-        raise RenormError(f"no conv/linear layer named {unknown[0]!r} to exclude; layers are e.g. "
-                          f"{', '.join(list(known)[:5])}")
     if config.bits == 32 and not config.layer_bits:
         return model
-    plans = layer_plans(model, config)
+    plans = layer_plans(model, config, example)
     for name, module in tqdm(layers, desc="quantize weights", unit="layer", disable=not progress, leave=False):
         plan = plans[name]
         if plan is None:
@@ -254,12 +237,13 @@ def quantize_weights(model: nn.Module, config: WeightQuantConfig = WeightQuantCo
     return model
 
 
-def layer_plans(model: nn.Module, config: WeightQuantConfig) -> dict:
-    """Scheme and bits (a LayerPlan, or None for float) of every conv/linear layer under `config`."""
-    from renorm.quantize.bits import plan_bits
+def layer_plans(model: nn.Module, config: WeightQuantConfig, example: torch.Tensor | None = None) -> dict:
+    """Scheme and bits (a LayerPlan, or None for float) of every conv/linear layer under `config`.
 
+    example: a batch of input images, to find the first and last layer by execution (see quantize_weights).
+    """
     layers = quantizable_layers(model)
-    ends = (layers[0][0], layers[-1][0]) if layers else (None, None)
+    ends = first_and_last(model, example) or (None, None)
     default = config.bits if config.bits != 32 else 32
     return plan_bits(layers, default, config.scheme, config.first_last_bits, config.exclude, config.layer_bits, ends)
 

@@ -48,6 +48,7 @@ from torch import nn
 
 from renorm.data import Batches
 from renorm.errors import RenormError
+from renorm.forward import eval_mode, forward
 from renorm.quantize.weights import ATTRIBUTE, MASK_ATTRIBUTE, QuantizedWeight, nearest_codes
 from renorm.reconstruct.inputs import (Layer, LayerStats, Sampler, collect, count_images, graph_of, layer_major,
                                        limited, sample_reference)
@@ -122,7 +123,7 @@ def _trace(model: nn.Module, example: torch.Tensor, names: set[str]) -> tuple[li
             handles.append(module.register_forward_pre_hook(before(bn_name)))
     try:
         with torch.no_grad():
-            model(example)
+            forward(model, example)
     finally:
         for handle in handles:
             handle.remove()
@@ -149,6 +150,12 @@ def _problem(layer: Layer, stats: LayerStats, quantized: QuantizedWeight,
     diagonal = torch.diagonal(hessian, dim1=1, dim2=2)
     damping = config.damping * diagonal.mean(1).clamp_min(1e-12)
     eye = torch.eye(hessian.shape[-1], dtype=hessian.dtype)
+    # an input that never varies (a dead channel, or zero padding only) leaves its column free: as GPTQ
+    # does, give it unit-scale curvature so its weight is simply rounded to nearest
+    dead = diagonal <= 1e-10 * diagonal.amax(1, keepdim=True).clamp_min(1e-30)
+    if bool(dead.any()):
+        hessian = hessian + torch.diag_embed(dead * diagonal.mean(1, keepdim=True).clamp_min(1e-12))
+        cross = cross + torch.diag_embed(dead * diagonal.mean(1, keepdim=True).clamp_min(1e-12))
     damped = hessian + damping[:, None, None] * eye
     rhs = shaped @ cross.transpose(1, 2) + damping[:, None, None] * shaped
     target = torch.linalg.solve(damped, rhs.transpose(1, 2)).transpose(1, 2)
@@ -201,14 +208,8 @@ def reconstruct(model: nn.Module, reference: nn.Module, images: Any, config: Rec
     if isinstance(model, torch.jit.ScriptModule) or isinstance(reference, torch.jit.ScriptModule):
         raise RenormError("a TorchScript model cannot be reconstructed; load the eager model instead")
     work = model if inplace else copy.deepcopy(model)
-    flags = [(m, m.training) for m in reference.modules()]
-    work.eval()
-    reference.eval()
-    try:
+    with eval_mode(work, reference):  # every module's training flag comes back afterwards
         _reconstruct(work, reference, images, config, batch_size, chunk, progress, tqdm)
-    finally:
-        for module, flag in flags:
-            module.training = flag
     return work
 
 

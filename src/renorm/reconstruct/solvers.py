@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from renorm.errors import RenormError
 from renorm.quantize.weights import level_magnitudes, nearest_levels
 
 
@@ -48,7 +49,7 @@ class Problem:
             order = torch.argsort(torch.diagonal(self.hessian, dim1=1, dim2=2), dim=1, descending=True)
             permuted = self.hessian.gather(1, order[:, :, None].expand(-1, -1, size)).gather(
                 2, order[:, None, :].expand(-1, size, -1))
-            inverse = torch.cholesky_inverse(torch.linalg.cholesky(permuted))
+            inverse = torch.cholesky_inverse(_cholesky(permuted))
             self._cache["factor"] = order, torch.linalg.cholesky(inverse, upper=True)
         return self._cache["factor"]
 
@@ -67,6 +68,24 @@ class Problem:
         denominator = ((values @ self.hessian) * values).sum(-1)
         new = numerator / denominator.clamp_min(1e-300)
         return torch.where((denominator > 0) & (new > 0), new, scale)
+
+
+def _cholesky(matrix: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factors of a batch of symmetric matrices; where one is not numerically positive
+    definite (float32 round-off in a centered, nearly singular H), add 10x more of its mean diagonal until
+    it is (GPTQ's dampening, raised only where needed)."""
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype)
+    jitter = 1e-6
+    while bool((info > 0).any()):
+        if jitter > 1e3:
+            raise RenormError("a layer's input statistics are degenerate (not a single usable input direction); "
+                              "use more or more varied calibration images")
+        bad = info > 0
+        diagonal = torch.diagonal(matrix[bad], dim1=1, dim2=2).abs().mean(1).clamp_min(1e-12)
+        factor[bad], info[bad] = torch.linalg.cholesky_ex(matrix[bad] + jitter * diagonal[:, None, None] * eye)
+        jitter *= 10
+    return factor
 
 
 def solve_nearest(problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,13 +1,4 @@
-"""Bits per layer: explicit patterns (`--layer-bits PATTERN=BITS`) and a budgeted allocation (`--avg-bits`).
-
-A pattern is a glob over layer names (`layer4.*`, `_blocks.1?.*`) or a type keyword:
-  depthwise  convs with one input channel per group (groups == in_channels > 1)
-  grouped    other convs with groups > 1
-  pointwise  1x1 convs without groups
-  conv, linear, first, last  (first and last: the model's first conv and last linear layer)
-BITS is 2..8, or 32 to leave the layer in float. Later patterns override earlier ones and
-the first/last rule. A layer whose bits the scheme cannot represent (pow2 above 6 bits)
-is quantized uniform, as the first and last layers are.
+"""Bits per layer under a budget (`--avg-bits`): label-free sensitivity, a greedy allocation, its frontier.
 
 The allocation picks, for every layer, bits from a small set so that the average over all
 conv/linear weights (weighted by their number) stays within a budget, minimising the sum
@@ -16,113 +7,26 @@ predictions and those of the FP32 model with only that layer quantized, on calib
 images. The sum of per-layer KLs is a proxy for the KL of the whole quantized model
 (first-order additivity); the allocation's frontier (average bits vs that proxy, and vs
 the measured agreement where measured) is what the plot shows.
+
+Which layers the patterns and first/last rule pin is renorm.quantize.plan.
 """
 from __future__ import annotations
 
-import fnmatch
-from dataclasses import dataclass
+import dataclasses
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from renorm.errors import RenormError
+from renorm.evaluate import agreement
+from renorm.forward import as_logits, eval_mode, forward
+from renorm.layers import first_and_last, quantizable_layers
+from renorm.plots import pyplot, save_figure
+from renorm.quantize.plan import BITS_RANGE, FLOAT_BITS, LayerPlan, matches
+from renorm.quantize.weights import MASK_ATTRIBUTE, layer_plans, output_axis, quantize_tensor, quantize_weights
 
-KEYWORDS = ("depthwise", "grouped", "pointwise", "conv", "linear", "first", "last")
-FLOAT_BITS = 32
 ALLOCATION_BITS = (2, 3, 4, 8)
-
-
-def parse_layer_bits(items: Sequence[str]) -> tuple[tuple[str, int], ...]:
-    """Parse `PATTERN=BITS` strings; raise a RenormError naming the bad one."""
-    parsed = []
-    for item in items:
-        pattern, sep, value = str(item).rpartition("=")
-        if not sep or not pattern:
-            raise RenormError(f"--layer-bits {item!r} is not PATTERN=BITS (e.g. depthwise=8 or 'layer4.*=3')")
-        try:
-            bits = int(value)
-        except ValueError:
-            raise RenormError(f"--layer-bits {item!r}: {value!r} is not a number of bits (2..8, or 32 for float)") \
-                from None
-        check_layer_bits(pattern, bits)
-        parsed.append((pattern, bits))
-    return tuple(parsed)
-
-
-def check_layer_bits(pattern: str, bits: int) -> None:
-    if not (2 <= bits <= 8 or bits == FLOAT_BITS):
-        raise RenormError(f"--layer-bits {pattern}={bits}: bits must be 2..8, or 32 to leave the layer in float")
-
-
-def layer_kind(module: nn.Module) -> str:
-    if isinstance(module, nn.Linear):
-        return "linear"
-    groups = getattr(module, "groups", 1)
-    if groups > 1:
-        return "depthwise" if groups == module.in_channels else "grouped"
-    if all(k == 1 for k in getattr(module, "kernel_size", (0,))):
-        return "pointwise"
-    return "conv"
-
-
-def matches(pattern: str, name: str, module: nn.Module, ends: tuple[str | None, str | None]) -> bool:
-    """Whether a --layer-bits pattern selects this layer."""
-    if pattern == name:
-        return True
-    if pattern in KEYWORDS:
-        kind = layer_kind(module)
-        if pattern == "first":
-            return name == ends[0]
-        if pattern == "last":
-            return name == ends[1]
-        if pattern == "conv":
-            return not isinstance(module, nn.Linear)
-        return kind == pattern
-    return fnmatch.fnmatchcase(name, pattern)
-
-
-def check_patterns_match(layers: list[tuple[str, nn.Module]], patterns: Sequence[tuple[str, int]],
-                         ends: tuple[str | None, str | None]) -> None:
-    for pattern, _ in patterns:
-        if not any(matches(pattern, name, module, ends) for name, module in layers):
-            examples = ", ".join(name for name, _ in layers[:4])
-            raise RenormError(f"--layer-bits pattern {pattern!r} matches no conv/linear layer; use a glob over "
-                              f"layer names (e.g. {examples}) or one of {', '.join(KEYWORDS)}")
-
-
-@dataclass(frozen=True)
-class LayerPlan:
-    """How one layer is quantized: scheme and bits, or None for float."""
-
-    scheme: str
-    bits: int
-
-
-def plan_bits(layers: list[tuple[str, nn.Module]], bits: int, scheme: str, first_last_bits: int,
-              exclude: Sequence[str], patterns: Sequence[tuple[str, int]],
-              ends: tuple[str | None, str | None]) -> dict[str, LayerPlan | None]:
-    """Scheme and bits of every layer (None: float), from the defaults, first/last, exclude and patterns."""
-    from renorm.quantize.weights import BITS_RANGE
-
-    check_patterns_match(layers, patterns, ends)
-    plans: dict[str, LayerPlan | None] = {}
-    for name, module in layers:
-        chosen, layer_scheme = bits, scheme
-        if name in ends and bits != FLOAT_BITS:  # with float weights (--wbits 32) the ends stay float too
-            chosen = first_last_bits if first_last_bits != 0 else FLOAT_BITS
-            layer_scheme = "uniform"
-        for pattern, pattern_bits in patterns:
-            if matches(pattern, name, module, ends):
-                chosen, layer_scheme = pattern_bits, scheme
-        if name in exclude or chosen == FLOAT_BITS:
-            plans[name] = None
-            continue
-        low, high = BITS_RANGE[layer_scheme]
-        if not low <= chosen <= high:
-            layer_scheme = "uniform"
-        plans[name] = LayerPlan(layer_scheme, chosen)
-    return plans
 
 
 def average_bits(layers: list[tuple[str, nn.Module]], plans: dict[str, LayerPlan | None]) -> float:
@@ -197,12 +101,10 @@ def layer_sensitivity(model: nn.Module, images: torch.Tensor, layers: list[tuple
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
-    from renorm.quantize.weights import MASK_ATTRIBUTE, output_axis, quantize_tensor
-    from renorm.renormalize import _eval_mode as eval_mode
 
     costs: dict[str, dict[int, float]] = {}
     with eval_mode(model):
-        reference = F.log_softmax(model(images).float(), 1)
+        reference = F.log_softmax(as_logits(forward(model, images)).float(), 1)
         total = sum(len(c) for c in candidates.values())
         with tqdm(total=total, desc="bit sensitivity", unit="try", disable=not progress, leave=False) as bar:
             for name, module in layers:
@@ -215,7 +117,7 @@ def layer_sensitivity(model: nn.Module, images: torch.Tensor, layers: list[tuple
                         quantized = quantize_tensor(original, plan.scheme, plan.bits, output_axis(module),
                                                     getattr(module, MASK_ATTRIBUTE, None))
                         module.weight.copy_(quantized.dequantize())
-                        logits = F.log_softmax(model(images).float(), 1)
+                        logits = F.log_softmax(as_logits(forward(model, images)).float(), 1)
                         costs[name][plan.bits] = float(F.kl_div(logits, reference, log_target=True,
                                                                 reduction="batchmean").clamp_min(0))
                         bar.update(1)
@@ -232,7 +134,6 @@ def check_average_bits(value: float) -> None:
 
 
 def candidate_plans(scheme: str) -> list[LayerPlan]:
-    from renorm.quantize.weights import BITS_RANGE
 
     low, high = BITS_RANGE[scheme]
     return [LayerPlan(scheme if low <= b <= high else "uniform", b) for b in ALLOCATION_BITS]
@@ -247,12 +148,10 @@ def allocate_bits(model: nn.Module, images: torch.Tensor, config: Any, average: 
     for `points` budgets, the summed sensitivity and the measured agreement / KL of the
     whole model quantized (nearest rounding) with that budget's allocation.
     """
-    from renorm.quantize.weights import layer_plans, quantizable_layers
-
     check_average_bits(average)
     layers = quantizable_layers(model)
-    plans = layer_plans(model, config)
-    ends = (layers[0][0], layers[-1][0]) if layers else (None, None)
+    ends = first_and_last(model, images) or (None, None)
+    plans = layer_plans(model, config, images)
     pinned = {name for name, module in layers if name in ends or name in config.exclude
               or any(matches(p, name, module, ends) for p, _ in config.layer_bits)}
     fixed = {name: (plans[name].bits if plans[name] else FLOAT_BITS) for name in pinned}
@@ -281,24 +180,16 @@ def allocate_bits(model: nn.Module, images: torch.Tensor, config: Any, average: 
 def _measure(model: nn.Module, images: torch.Tensor, config: Any, bits: dict[str, int],
              fixed: dict[str, int]) -> dict[str, float]:
     """Agreement and KL of the whole model quantized with `bits` (nearest rounding) against FP32."""
-    import copy
-    import dataclasses
-
-    from renorm.evaluate import agreement
-    from renorm.quantize.weights import quantize_weights
-    from renorm.renormalize import _eval_mode as eval_mode
-
     entries = tuple((n, b) for n, b in bits.items() if n not in fixed)
-    quantized = quantize_weights(copy.deepcopy(model), dataclasses.replace(
-        config, layer_bits=tuple(config.layer_bits) + entries))
-    with eval_mode(model):
-        result = agreement(quantized.eval()(images).float(), model(images).float())
+    quantized = quantize_weights(model, dataclasses.replace(config, layer_bits=tuple(config.layer_bits) + entries),
+                                 example=images)  # a copy
+    with eval_mode(model, quantized):
+        result = agreement(as_logits(forward(quantized, images)).float(), as_logits(forward(model, images)).float())
     return {"agreement_top1": result["agreement_top1"], "kl": result["kl"]}
 
 
 def plot_frontier(report: dict[str, Any], path: Any, title: str = "") -> None:
     """PNG: weight megabytes vs top-1 agreement with FP32 along the allocation's frontier."""
-    from renorm.sensitivity import _save_figure, pyplot
 
     plt = pyplot()
     curve = report["frontier"]
@@ -313,4 +204,4 @@ def plot_frontier(report: dict[str, Any], path: Any, title: str = "") -> None:
     ax.set_title(title or "Bit allocation frontier (nearest rounding, before reconstruction)")
     ax.grid(alpha=0.3)
     ax.legend()
-    _save_figure(fig, path)
+    save_figure(fig, path)
