@@ -198,7 +198,7 @@ def test_one_traced_pass_equals_a_pass_per_layer():
     images = torch.randn(40, 3, 12, 12, generator=torch.Generator().manual_seed(2))
     quantized = quantize_weights(copy.deepcopy(fp32), WeightQuantConfig(bits=3, scheme="pow2"))
     traced, rerun = (reconstruct(quantized, fp32, images, ReconstructConfig(num_images=40, executor=executor),
-                                 chunk=16) for executor in ("auto", "rerun"))
+                                 chunk=16) for executor in ("traced", "rerun"))
     for (key, a), b in zip(traced.state_dict().items(), rerun.state_dict().values()):
         assert torch.equal(a, b), key
 
@@ -232,3 +232,29 @@ def test_a_numerically_singular_curvature_is_factored():
     values, new_scale = solve_gptq(problem)
     assert bool(torch.isfinite(values).all()) and bool((values == values.round()).all())
     assert bool(torch.isfinite(new_scale).all())
+
+
+def test_auto_executor_keeps_a_cut_only_when_it_fits(monkeypatch):
+    """The traced executor keeps one cut of activations for every image; past cache_mb, auto re-runs the
+    model per layer instead (memory flat in the number of images)."""
+    import importlib
+
+    from renorm.reconstruct.inputs import Layer, cut_bytes, graph_of
+
+    module = importlib.import_module("renorm.reconstruct")  # the attribute renorm.reconstruct is the function
+
+    fp32 = perturbed(DepthwiseNet())
+    images = torch.randn(20, 3, 12, 12, generator=torch.Generator().manual_seed(4))
+    quantized = quantize_weights(fp32, WeightQuantConfig(bits=4, scheme="uniform"))
+    used = []
+    original = module.layer_major
+    monkeypatch.setattr(module, "layer_major", lambda *a: (used.append(True), original(*a))[1])
+    reconstruct(quantized, fp32, images, ReconstructConfig(num_images=20))
+    assert used == [True]
+    reconstruct(quantized, fp32, images, ReconstructConfig(num_images=20, cache_mb=0.001))
+    assert used == [True]  # the cut (20 images of 12x12 activations) is over 1 kB: re-run per layer
+    layers = [Layer(n, m, m, None, None) for n, m in quantized.named_modules()
+              if getattr(m, ATTRIBUTE, None) is not None]
+    per_image = cut_bytes(graph_of(quantized, layers), layers, images[:1])
+    widest = max(m.out_channels for m in quantized.modules() if isinstance(m, nn.Conv2d)) * 12 * 12 * 4
+    assert widest <= per_image <= 4 * widest

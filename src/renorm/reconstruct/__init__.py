@@ -50,7 +50,8 @@ from renorm.data import Batches
 from renorm.errors import RenormError
 from renorm.forward import eval_mode, forward
 from renorm.quantize.weights import ATTRIBUTE, MASK_ATTRIBUTE, QuantizedWeight, nearest_codes
-from renorm.reconstruct.inputs import (Layer, LayerStats, Sampler, collect, count_images, graph_of, layer_major,
+from renorm.reconstruct.inputs import (Layer, LayerStats, Sampler, collect, count_images, cut_bytes, graph_of,
+                                       layer_major,
                                        limited, sample_reference)
 from renorm.reconstruct.solvers import SOLVERS, Problem, solve_adaround, solve_gptq, solve_nearest
 
@@ -60,6 +61,7 @@ __all__ = ["METHODS", "DEFAULT_METHOD", "Problem", "ReconstructConfig", "reconst
 METHODS = ("gptq", "adaround", "nearest")
 DEFAULT_METHOD = "gptq"  # what --reconstruct turns on: the best measured (docs/RESULTS.md, reconstruction)
 INPUTS = ("quantized", "fp32")
+EXECUTORS = ("auto", "traced", "rerun")
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,10 @@ class ReconstructConfig:
     learning_rate: float = 0.1
     regularization: float = 3.0
     offset: bool = True  # let the next BatchNorm / the bias absorb the mean error
-    executor: str = "auto"  # auto: one traced pass (torch.fx) when the model traces, else rerun: a pass per layer
+    # auto: one traced pass (torch.fx) when the model traces and its cut of activations over the images fits
+    # in cache_mb, else rerun: one pass per layer, memory flat in the number of images; "traced" forces the first
+    executor: str = "auto"
+    cache_mb: float = 4096.0
     min_rows_per_input: float = 4.0  # fewer input rows per weight column: match FP32 weights, not FP32 outputs
     seed: int = 0
 
@@ -90,6 +95,8 @@ class ReconstructConfig:
                               f"{', '.join(METHODS)}")
         if self.inputs not in INPUTS:
             raise RenormError(f"reconstruction inputs {self.inputs!r}: choose one of {', '.join(INPUTS)}")
+        if self.executor not in EXECUTORS:
+            raise RenormError(f"reconstruction executor {self.executor!r}: choose one of {', '.join(EXECUTORS)}")
         if self.num_images < 1:
             raise RenormError(f"--reconstruct-images must be at least 1, got {self.num_images}")
 
@@ -253,6 +260,9 @@ def _reconstruct(work: nn.Module, reference: nn.Module, images: Any, config: Rec
                 bar.update(1)
             return
         graph = graph_of(work, layers) if config.executor != "rerun" else None
+        if graph is not None and config.executor == "auto" and \
+                cut_bytes(graph, layers, example) * count > config.cache_mb * 2 ** 20:
+            graph = None
         if graph is not None:
             layer_major(graph, layers, chunks, sampler, cached, solve, bar)
             return

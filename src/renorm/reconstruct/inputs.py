@@ -262,6 +262,42 @@ def _attribute(module: nn.Module, target: str) -> Any:
     return module
 
 
+def _last_uses(nodes: list) -> dict:
+    last_use = {}
+    for index, node in enumerate(nodes):
+        for used in node.all_input_nodes:
+            last_use[used] = index
+    return last_use
+
+
+@torch.no_grad()
+def cut_bytes(graph: tuple[Any, dict], layers: list[Layer], example: torch.Tensor) -> int:
+    """Peak bytes per image of the node values layer_major keeps (run on one image)."""
+    graph_module, sites = graph
+    nodes = list(graph_module.graph.nodes)
+    last_use = _last_uses(nodes)
+    env: dict = {}
+    live = peak = 0
+    for index, node in enumerate(nodes):
+        if node.op == "output":
+            break
+        env[node] = _run_node(graph_module, node, env, example[:1])
+        live += _nbytes(env[node]) if node.op != "get_attr" else 0
+        peak = max(peak, live)
+        for used in node.all_input_nodes:
+            if last_use.get(used) == index:
+                live -= _nbytes(env.pop(used)) if used.op != "get_attr" else 0
+    return peak
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(item) for item in value)
+    return 0
+
+
 def layer_major(graph: tuple[Any, dict], layers: list[Layer], chunks: Callable, sampler: Sampler,
                  cached: dict[str, list[torch.Tensor]], solve: Callable, bar) -> None:
     """Run the traced model node by node over all chunks, solving each layer just before its node runs.
@@ -272,10 +308,7 @@ def layer_major(graph: tuple[Any, dict], layers: list[Layer], chunks: Callable, 
     """
     graph_module, sites = graph
     nodes = list(graph_module.graph.nodes)
-    last_use = {}
-    for index, node in enumerate(nodes):
-        for used in node.all_input_nodes:
-            last_use[used] = index
+    last_use = _last_uses(nodes)
     inputs = list(chunks())
     values: list[dict] = [{} for _ in inputs]
     remaining = len(layers)
