@@ -54,8 +54,8 @@ def test_the_python_example_calls_the_api_as_it_is():
 
 def test_the_how_it_works_section_keeps_one_subsection_per_stage():
     how = README[README.index("## How it works"):README.index("## Results in short")]
-    assert re.findall(r"^### (.+)$", how, re.M)[:5] == ["Weights", "Re-normalization", "Activations", "Pruning",
-                                                        "Report"]
+    assert re.findall(r"^### (.+)$", how, re.M)[:7] == ["Weights", "Bits per layer", "Reconstruction",
+                                                        "Re-normalization", "Activations", "Pruning", "Report"]
 
 
 @pytest.mark.parametrize("number", sorted(set(re.findall(r"\d+\.\d+", README[README.index("## Results in short"):

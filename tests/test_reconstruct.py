@@ -49,6 +49,9 @@ def test_methods_beat_nearest_on_a_fixed_layer(scheme, bits):
 def test_codes_stay_on_the_grid_and_masks_stay_zero(solver, scheme):
     problem, _ = _layer_problem(scheme, 4, seed=3, mask=True)
     values, scale = solve_gptq(problem) if solver == "gptq" else solve_adaround(problem, steps=200)
+    nearest, nearest_scale = solve_nearest(problem)
+    per_row = problem.error(values * scale[..., None])
+    assert bool((per_row <= problem.error(nearest * nearest_scale[..., None]) * (1 + 1e-9)).all())
     assert bool((scale > 0).all())
     assert bool((values[problem.mask == 0] == 0).all())
     magnitudes = values.abs()
