@@ -201,3 +201,28 @@ def test_errors_from_filter_pruning_are_one_clear_line():
         prune(model, PruneConfig(0.5, "filter", prune_first_last=True), example=torch.randn(2, 3, 8, 8))
     assert "\n" not in str(info.value)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+class PixelShuffleNet(nn.Module):
+    """conv -> pixel_shuffle -> conv: Torch-Pruning itself fails on it (an IndexError inside its graph)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3)
+        self.conv2 = nn.Conv2d(4, 16, 3)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(self.conv2(nn.functional.pixel_shuffle(self.conv1(x), 2)).mean((2, 3)))
+
+
+def test_errors_raised_inside_torch_pruning_are_one_clear_line():
+    """The old code let Torch-Pruning's own IndexError escape with a traceback."""
+    pytest.importorskip("torch_pruning")
+    model = PixelShuffleNet().eval()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(RenormError, match=r"^Torch-Pruning could not filter-prune this model \(.+\); use "
+                                          r"--prune-type unstructured") as info:
+        prune(model, PruneConfig(0.5, "filter", prune_first_last=True), example=torch.randn(2, 3, 8, 8))
+    assert "\n" not in str(info.value)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

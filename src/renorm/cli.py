@@ -194,6 +194,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     if not args.reference and (args.reference_weights or args.reference_num_classes is not None):
         raise RenormError("--reference-weights and --reference-num-classes need --reference MODEL")
+    if args.reference_num_classes is not None and args.reference_num_classes < 1:  # else named --num-classes
+        raise RenormError(f"--reference-num-classes must be at least 1, got {args.reference_num_classes}")
     if args.batch_size < 1:
         raise RenormError(f"--batch-size must be at least 1, got {args.batch_size}")
     _check_outputs(args, (args.model, args.weights, args.reference, args.reference_weights), "--report")

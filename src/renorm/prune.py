@@ -55,6 +55,12 @@ class PruneConfig:
                                      (self.budget, BUDGETS, "--prune-budget")):
             if value not in allowed:
                 raise RenormError(f"{flag} {value!r} is not one of {', '.join(allowed)}")
+        # unstructured pruning ranks single weights by magnitude and counts weights: say so rather than ignore
+        for value, default, flag in ((self.budget, "filters", "--prune-budget"),
+                                     (self.importance, "l1", "--prune-importance")):
+            if self.kind == "unstructured" and value != default:
+                raise RenormError(f"{flag} {value} needs --prune-type filter (unstructured pruning removes the "
+                                  "smallest weights)")
 
 
 def prunable_layers(model: nn.Module, config: PruneConfig,

@@ -37,7 +37,7 @@ class ActivationQuantConfig:
         if not 2 <= self.bits <= 16:
             raise RenormError(f"--abits {self.bits} is out of range: choose 2..16 (or 32 for float activations)")
         if self.num_images < 1:
-            raise RenormError(f"activation calibration needs at least 1 image, got {self.num_images}")
+            raise RenormError(f"--act-images must be at least 1, got {self.num_images}")
 
 
 @dataclass
