@@ -160,6 +160,18 @@ CLI: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "--first-last-bits 1": (lambda w: ["compress", *small(w), "--calib", str(w / "photos"), "--first-last-bits",
                                        "1"], "--first-last-bits 1 is out of range"),
     "--abits 1": (lambda w: ["compress", *small(w), "--calib", str(w / "photos"), "--abits", "1"], "--abits 1"),
+    "--layer-bits foo=9": (lambda w: ["compress", *small(w), "--calib", str(w / "photos"), "--layer-bits",
+                                      "foo=9"], "bits must be 2..8"),
+    "--layer-bits matching nothing": (lambda w: ["compress", *small(w), "--calib", str(w / "photos"),
+                                                 "--layer-bits", "_blocks.*=3"], "matches no conv/linear layer"),
+    "--layer-bits without =": (lambda w: ["compress", *small(w), "--calib", str(w / "photos"), "--layer-bits",
+                                          "depthwise"], "is not PATTERN=BITS"),
+    "--avg-bits 1": (lambda w: ["compress", *small(w), "--calib", str(w / "photos"), "--avg-bits", "1"],
+                     "--avg-bits"),
+    "--reconstruct-method magic": (lambda w: ["compress", *small(w), "--calib", str(w / "photos"),
+                                              "--reconstruct-method", "magic"], "invalid choice: 'magic'"),
+    "--reconstruct-images 0": (lambda w: ["compress", *small(w), "--calib", str(w / "photos"), "--reconstruct",
+                                          "--reconstruct-images", "0"], "--reconstruct-images must be at least 1"),
     "--scheme float8": (lambda w: ["compress", *small(w), "--calib", str(w / "photos"), "--scheme", "float8"],
                         "invalid choice: 'float8'"),
     "--renorm magic": (lambda w: ["compress", *small(w), "--calib", str(w / "photos"), "--renorm", "magic"],
@@ -246,6 +258,7 @@ def api_cases() -> dict[str, tuple[Callable[[Path], object], str]]:
     from renorm.export import save_compressed
     from renorm.models import load_model
     from renorm.quantize.weights import WeightQuantConfig
+    from renorm.reconstruct import reconstruct
     from renorm.renormalize import renormalize
 
     images = torch.randn(8, 3, 16, 16)
@@ -266,6 +279,8 @@ def api_cases() -> dict[str, tuple[Callable[[Path], object], str]]:
         "API: shift without a reference": (lambda w: renormalize(SmallNet(), images, "shift"), "reference"),
         "API: load a JPEG": (lambda w: load_model(str(w / "photo.jpg")), "JPEG image"),
         "API: half-precision model": (lambda w: renormalize(SmallNet().half(), images), "float16"),
+        "API: reconstruct an unquantized model": (
+            lambda w: reconstruct(SmallNet(), SmallNet(), images), "no quantized layer"),
         "API: batch_size=0": (lambda w: renormalize(SmallNet(), images, batch_size=0), "--batch-size must be at "
                                                                                        "least 1"),
     }
