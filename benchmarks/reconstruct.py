@@ -80,7 +80,7 @@ def lite0_rows(args) -> list[dict]:
     for label, bits, scheme, layer_bits, methods in (LITE0_SETTINGS[:1] if args.quick else LITE0_SETTINGS):
         quantized = quantize_weights(copy_of(fp32), WeightQuantConfig(bits=bits, scheme=scheme,
                                                                       layer_bits=parse_layer_bits(layer_bits)))
-        for method in methods:
+        for method in (methods if not args.quick else ("rtn", "gptq")):
             model, cost = reconstructed(fp32, quantized, calib, method, args.images)
             result = {mode: agree(renormalize(model, calib, mode, reference=fp32), test, reference)
                       for mode in ("none", "shift")}
@@ -97,7 +97,8 @@ def fmnist_rows(name: str, args, data_cache: dict) -> list[dict]:
     data = [{"weights": "FP32", "method": "", "none": top1(fp32, test_x, test_y), "test": names["test"]}]
     for label, bits, scheme, abits in (FMNIST_SETTINGS[:1] if args.quick else FMNIST_SETTINGS):
         quantized = quantize_weights(copy_of(fp32), WeightQuantConfig(bits=bits, scheme=scheme))
-        for method in FMNIST_METHODS.get(name, {}).get(label, FMNIST_DEFAULT):
+        methods = FMNIST_METHODS.get(name, {}).get(label, FMNIST_DEFAULT)
+        for method in (methods if not args.quick else ("rtn", "gptq")):
             model, cost = reconstructed(fp32, quantized, calib, method, args.images)
             result = {}
             for mode in ("none", "exact"):
@@ -206,8 +207,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one setting per model, 200 crops / 2000 test images")
     parser.add_argument("--models", nargs="*", default=["efficientnet-lite0", "fmnist-mobilenet_v2", "fmnist-resnet18",
                                                         "resnet18-224", "tune"])
-    parser.add_argument("--images", type=int, default=256, help="images the reconstruction uses (default 256)")
+    parser.add_argument("--images", type=int, help="images the reconstruction uses (default 256; --quick 64)")
     args = parser.parse_args()
+    args.images = args.images or (64 if args.quick else 256)
     cache = {}
     for name in args.models:  # each model's rows are written as soon as they are measured
         if name == "efficientnet-lite0":

@@ -1,6 +1,6 @@
 """Regenerate every table and plot in docs/results (and so in the README).
 
-    python -m benchmarks.run_all            # all but the peers, about 100 minutes on 2 cores
+    python -m benchmarks.run_all            # all but the peers, about 3 hours on 2 cores
     python -m benchmarks.run_all --quick    # smoke run of each script, about 10 minutes
 
 Each script is also runnable alone (see benchmarks/README.md). Peers (NNCF, AIMET) need
@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-SCRIPTS = ("accuracy", "pruning", "calib_size", "renorm_variants", "efficientnet", "speed")
+SCRIPTS = ("accuracy", "pruning", "calib_size", "renorm_variants", "efficientnet", "speed", "reconstruct")
 
 
 def main() -> None:
