@@ -161,8 +161,8 @@ def _problem(layer: Layer, stats: LayerStats, quantized: QuantizedWeight,
     # does, give it unit-scale curvature so its weight is simply rounded to nearest
     dead = diagonal <= 1e-10 * diagonal.amax(1, keepdim=True).clamp_min(1e-30)
     if bool(dead.any()):
-        hessian = hessian + torch.diag_embed(dead * diagonal.mean(1, keepdim=True).clamp_min(1e-12))
-        cross = cross + torch.diag_embed(dead * diagonal.mean(1, keepdim=True).clamp_min(1e-12))
+        unit = torch.diag_embed(dead * diagonal.mean(1, keepdim=True).clamp_min(1e-12))
+        hessian, cross = hessian + unit, cross + unit
     damped = hessian + damping[:, None, None] * eye
     rhs = shaped @ cross.transpose(1, 2) + damping[:, None, None] * shaped
     target = torch.linalg.solve(damped, rhs.transpose(1, 2)).transpose(1, 2)
