@@ -40,9 +40,10 @@ from renorm.report import stage
 
 reconstruction = importlib.import_module("renorm.reconstruct")
 # method name in the tables -> ReconstructConfig fields (rtn: no reconstruction)
-METHODS = {"rtn": None, "gptq": {"method": "gptq"}, "gptq, FP32 inputs": {"method": "gptq", "inputs": "fp32"},
+METHODS = {"rtn": None, "gptq": {"method": "gptq"}, "gptq, damping 0.01": {"method": "gptq", "damping": 0.01},
+           "gptq, FP32 inputs": {"method": "gptq", "inputs": "fp32"},
            "adaround": {"method": "adaround"}, "nearest": {"method": "nearest"}}
-ALL = ("rtn", "gptq", "gptq, FP32 inputs", "adaround")
+ALL = ("rtn", "gptq", "gptq, damping 0.01", "gptq, FP32 inputs", "adaround")
 LITE0_SETTINGS = (("W4 uniform", 4, "uniform", (), ALL),
                   ("W4 uniform, depthwise 8-bit", 4, "uniform", ("depthwise=8",), ("rtn", "gptq")),
                   ("W4 pow2", 4, "pow2", (), ("rtn", "gptq")), ("W3 uniform", 3, "uniform", (), ("rtn", "gptq")),
@@ -51,7 +52,9 @@ FMNIST_SETTINGS = (("W4A8 uniform", 4, "uniform", 8), ("W4A8 pow2", 4, "pow2", 8
                    ("W2 uniform", 2, "uniform", 32))
 # adaround where it fits a CPU budget: mobilenet_v2 at W2 only (805 s at W4A8 on one thread of a shared machine);
 # resnet18's 3x3 convs have K = 4608 inputs per row, ~30 GFLOP per Adam step, far outside it
-FMNIST_METHODS = {"fmnist-mobilenet_v2": {"W2 uniform": ("rtn", "gptq", "gptq, FP32 inputs", "adaround")}}
+FMNIST_METHODS = {"fmnist-mobilenet_v2": {"W2 uniform": ("rtn", "gptq", "gptq, damping 0.01", "gptq, FP32 inputs",
+                                                          "adaround")},
+                  "fmnist-resnet18": {"W2 uniform": ("rtn", "gptq", "gptq, damping 0.01", "gptq, FP32 inputs")}}
 FMNIST_DEFAULT = ("rtn", "gptq", "gptq, FP32 inputs")
 
 
@@ -230,7 +233,8 @@ def write(args, rows: dict[str, list[dict]]) -> None:
     data = merged("reconstruct" + suffix, rows)
     body = ("`rtn`: round to nearest (renorm's quantizer, no reconstruction). `gptq`, `adaround`: "
             "renorm.reconstruct with that method on the first `images` calibration images (256: layer by layer in "
-            "execution order, inputs from the partly quantized network, BatchNorm offsets absorbed); `gptq, FP32 "
+            "execution order, inputs from the partly quantized network, BatchNorm offsets absorbed, damping chosen "
+            "per layer by two-fold cross-validation); `gptq, damping 0.01`: GPTQ's usual fixed damping; `gptq, FP32 "
             "inputs`: the same with every layer's inputs from the FP32 network. Then re-normalization (`no renorm`: "
             "the statistics reconstruction left) and, for A8 rows, 8-bit activations. Times on a shared 2-core "
             "machine.\n\n" + render(data))

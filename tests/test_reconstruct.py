@@ -261,3 +261,44 @@ def test_auto_executor_keeps_a_cut_only_when_it_fits(monkeypatch):
     per_image = cut_bytes(graph_of(quantized, layers), layers, images[:1])
     widest = max(m.out_channels for m in quantized.modules() if isinstance(m, nn.Conv2d)) * 12 * 12 * 4
     assert widest <= per_image <= 4 * widest
+
+
+def _fold_stats(rows: int, size: int = 48, seed: int = 0):
+    """A linear layer (FP32 inputs, so W* is the FP32 weights) with `rows` input rows per fold."""
+    from renorm.reconstruct.inputs import Layer, LayerStats
+    from renorm.quantize.weights import quantize_tensor
+
+    generator = torch.Generator().manual_seed(seed)
+    basis = torch.randn(size, size, generator=generator)
+    layer = nn.Linear(size, 32, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(32, size, generator=generator) * 0.1)
+    stats = LayerStats()
+    for chunk_index in range(4):
+        x = (torch.randn(rows // 2, size, generator=generator) @ basis)[None]
+        stats.add(x, x, chunk_index)
+    return Layer("fc", layer, layer), stats, quantize_tensor(layer.weight, "uniform", 3)
+
+
+def test_cross_validation_damps_more_when_rows_are_few():
+    """With few rows per fold GPTQ's error feedback fits their noise: the damping chosen by
+    held-out error is larger than with many rows, and each choice has the lowest held-out error."""
+    from renorm.reconstruct import _choose_damping
+
+    config = ReconstructConfig(offset=False, min_rows_per_input=0)
+    few = _choose_damping(*_fold_stats(rows=60), config)
+    many = _choose_damping(*_fold_stats(rows=4000), config)
+    assert few[0] > many[0], (few, many)
+    for chosen, errors in (few, many):
+        assert chosen in config.damping_grid and errors[chosen] == min(errors.values())
+
+
+def test_a_fixed_damping_is_used_as_given_and_bad_ones_are_refused():
+    from renorm.reconstruct import _choose_damping
+
+    assert _choose_damping(*_fold_stats(rows=60), ReconstructConfig(damping=0.05))[0] == 0.05
+    for bad in ("high", -1.0):
+        with pytest.raises(RenormError, match="damping"):
+            ReconstructConfig(damping=bad)
+    with pytest.raises(RenormError, match="damping_grid"):
+        ReconstructConfig(damping_grid=())

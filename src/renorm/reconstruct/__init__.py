@@ -50,7 +50,7 @@ from renorm.data import Batches
 from renorm.errors import RenormError
 from renorm.forward import eval_mode, forward
 from renorm.quantize.weights import ATTRIBUTE, MASK_ATTRIBUTE, QuantizedWeight, nearest_codes
-from renorm.reconstruct.inputs import (Layer, LayerStats, Sampler, collect, count_images, cut_bytes, graph_of,
+from renorm.reconstruct.inputs import (Layer, LayerStats, Moments, Sampler, collect, count_images, cut_bytes, graph_of,
                                        layer_major,
                                        limited, sample_reference)
 from renorm.reconstruct.solvers import SOLVERS, Problem, solve_adaround, solve_gptq, solve_nearest
@@ -62,6 +62,7 @@ METHODS = ("gptq", "adaround", "nearest")
 DEFAULT_METHOD = "gptq"  # what --reconstruct turns on: the best measured (docs/RESULTS.md, reconstruction)
 INPUTS = ("quantized", "fp32")
 EXECUTORS = ("auto", "traced", "rerun")
+FALLBACK_DAMPING = 0.1  # damping="auto" with a single chunk of images (no fold to hold out)
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,10 @@ class ReconstructConfig:
     rows: int = 16  # sampled input rows per layer: rows * K, within [min_rows, max_rows]
     min_rows: int = 2048
     max_rows: int = 16384
-    damping: float = 0.01  # of the mean diagonal of H
+    # ridge added to H (and pulling W* towards the FP32 weights), in units of H's mean diagonal; "auto" picks
+    # it per layer from damping_grid by two-fold cross-validation over the images (_choose_damping)
+    damping: float | str = "auto"
+    damping_grid: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)
     rounds: int = 2  # gptq: rounding, scale refit, rounding again
     steps: int = 1000  # adaround: Adam steps per layer
     # adaround's Adam step and rounding penalty: on Lite0's W4 layers 0.1/3.0 leaves 0.48 of nearest's
@@ -97,6 +101,11 @@ class ReconstructConfig:
             raise RenormError(f"reconstruction inputs {self.inputs!r}: choose one of {', '.join(INPUTS)}")
         if self.executor not in EXECUTORS:
             raise RenormError(f"reconstruction executor {self.executor!r}: choose one of {', '.join(EXECUTORS)}")
+        if isinstance(self.damping, str) and self.damping != "auto" or \
+                not isinstance(self.damping, str) and not self.damping >= 0:
+            raise RenormError(f"reconstruction damping {self.damping!r}: give 'auto' or a number >= 0")
+        if not self.damping_grid or any(not d >= 0 for d in self.damping_grid):
+            raise RenormError(f"reconstruction damping_grid {self.damping_grid!r}: give numbers >= 0")
         if self.num_images < 1:
             raise RenormError(f"--reconstruct-images must be at least 1, got {self.num_images}")
 
@@ -137,25 +146,32 @@ def _trace(model: nn.Module, example: torch.Tensor, names: set[str]) -> tuple[li
     return order, sinks
 
 
-def _problem(layer: Layer, stats: LayerStats, quantized: QuantizedWeight,
-             config: ReconstructConfig) -> tuple[Problem, torch.Tensor, torch.Tensor, bool]:
-    """The layer's Problem, plus the input means (quantized, reference) and whether an offset is absorbed."""
-    weight = layer.reference.weight.detach().double()
-    groups = stats.hessian.shape[0]
-    shaped = weight.reshape(groups, weight.shape[0] // groups, -1)
-    n = max(stats.count, 1)
-    hessian, cross = stats.hessian / n, stats.cross / n
-    mean_q, mean_r = stats.sum_quantized / n, stats.sum_reference / n
+def _moments(layer: Layer, moments: Moments, config: ReconstructConfig
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """Per-row moments (H, cross, mean X~, mean X), centered where the offset is absorbed, and whether it is."""
+    n = max(moments.count, 1)
+    hessian, cross = moments.hessian / n, moments.cross / n
+    mean_q, mean_r = moments.sum_quantized / n, moments.sum_reference / n
     absorb = config.offset and (layer.sink is not None or getattr(layer.module, "bias", None) is not None)
     if absorb:
         hessian = hessian - mean_q[:, :, None] * mean_q[:, None, :]
         cross = cross - mean_q[:, :, None] * mean_r[:, None, :]
-    if n < config.min_rows_per_input * hessian.shape[-1]:
+    return hessian, cross, mean_q, mean_r, absorb
+
+
+def _problem(layer: Layer, moments: Moments, quantized: QuantizedWeight, config: ReconstructConfig,
+             damping: float) -> tuple[Problem, torch.Tensor, torch.Tensor, bool]:
+    """The layer's Problem, plus the input means (quantized, reference) and whether an offset is absorbed."""
+    weight = layer.reference.weight.detach().double()
+    hessian, cross, mean_q, mean_r, absorb = _moments(layer, moments, config)
+    groups = hessian.shape[0]
+    shaped = weight.reshape(groups, weight.shape[0] // groups, -1)
+    if moments.count < config.min_rows_per_input * hessian.shape[-1]:
         # too few rows to learn how to undo the earlier layers' error without fitting noise (a classifier
         # sees one row per image): aim at the FP32 weights under the quantized inputs instead
         cross = hessian
     diagonal = torch.diagonal(hessian, dim1=1, dim2=2)
-    damping = config.damping * diagonal.mean(1).clamp_min(1e-12)
+    ridge = damping * diagonal.mean(1).clamp_min(1e-12)
     eye = torch.eye(hessian.shape[-1], dtype=hessian.dtype)
     # an input that never varies (a dead channel, or zero padding only) leaves its column free: as GPTQ
     # does, give it unit-scale curvature so its weight is simply rounded to nearest
@@ -163,8 +179,8 @@ def _problem(layer: Layer, stats: LayerStats, quantized: QuantizedWeight,
     if bool(dead.any()):
         unit = torch.diag_embed(dead * diagonal.mean(1, keepdim=True).clamp_min(1e-12))
         hessian, cross = hessian + unit, cross + unit
-    damped = hessian + damping[:, None, None] * eye
-    rhs = shaped @ cross.transpose(1, 2) + damping[:, None, None] * shaped
+    damped = hessian + ridge[:, None, None] * eye
+    rhs = shaped @ cross.transpose(1, 2) + ridge[:, None, None] * shaped
     target = torch.linalg.solve(damped, rhs.transpose(1, 2)).transpose(1, 2)
     mask = getattr(layer.module, MASK_ATTRIBUTE, None)
     mask = mask.reshape(shaped.shape).float() if mask is not None else None
@@ -172,6 +188,35 @@ def _problem(layer: Layer, stats: LayerStats, quantized: QuantizedWeight,
     # the solvers work in float32, as GPTQ does (float64 products are several times slower here)
     problem = Problem(shaped.float(), target.float(), damped.float(), scale, quantized.scheme, quantized.bits, mask)
     return problem, mean_q.float(), mean_r.float(), absorb
+
+
+def _held_out_error(layer: Layer, weights: torch.Tensor, moments: Moments, config: ReconstructConfig) -> float:
+    """Output error of the layer with `weights` (G, R, K) on other rows, up to a constant:
+    sum over rows of q H q^T - 2 q C^T w (H, C that rows' centered moments)."""
+    hessian, cross, _, _, _ = _moments(layer, moments, config)
+    q = weights.double()
+    fp32 = layer.reference.weight.detach().double().reshape(q.shape)
+    return float(((q @ hessian) * q).sum() - 2 * (q * (fp32 @ cross.transpose(1, 2))).sum())
+
+
+def _choose_damping(layer: Layer, stats: LayerStats, quantized: QuantizedWeight, config: ReconstructConfig
+                    ) -> tuple[float, dict[float, float]]:
+    """The damping of config.damping_grid whose rounding, fitted on one fold of the images, gives the
+    lowest output error on the other (both ways); a fixed config.damping is returned as it is."""
+    if not isinstance(config.damping, str):
+        return float(config.damping), {}
+    if any(fold.count == 0 for fold in stats.folds):  # one chunk of images: nothing to hold out
+        return FALLBACK_DAMPING, {}
+    # the search rounds with one GPTQ pass (learned rounding ten times per layer would cost minutes)
+    solver = solve_nearest if config.method == "nearest" else (lambda problem: solve_gptq(problem, 1))
+    errors = {}
+    for damping in config.damping_grid:
+        errors[damping] = 0.0
+        for fit, held in ((0, 1), (1, 0)):
+            problem, _, _, _ = _problem(layer, stats.folds[fit], quantized, config, damping)
+            values, scale = solver(problem)
+            errors[damping] += _held_out_error(layer, values * scale[..., None], stats.folds[held], config)
+    return min(errors, key=errors.get), errors
 
 
 @torch.no_grad()
@@ -247,10 +292,12 @@ def _reconstruct(work: nn.Module, reference: nn.Module, images: Any, config: Rec
 
     def solve(layer: Layer, stats: LayerStats) -> None:
         record = getattr(layer.module, ATTRIBUTE)
-        problem, mean_q, mean_r, absorb = _problem(layer, stats, record, config)
+        damping, _ = _choose_damping(layer, stats, record, config)
+        problem, mean_q, mean_r, absorb = _problem(layer, stats.total, record, config, damping)
         values, scale = SOLVERS[config.method](problem, config)
-        getattr(layer.module, ATTRIBUTE).reconstruction = _apply(layer, problem, values, scale, mean_q, mean_r,
-                                                                 absorb, record)
+        result = _apply(layer, problem, values, scale, mean_q, mean_r, absorb, record)
+        result["damping"] = damping
+        getattr(layer.module, ATTRIBUTE).reconstruction = result
 
     with tqdm(total=len(layers), desc=f"reconstruct ({config.method})", unit="layer", disable=not progress,
               leave=False) as bar:

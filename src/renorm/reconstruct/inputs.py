@@ -35,7 +35,7 @@ class Layer:
 
 
 @dataclass
-class LayerStats:
+class Moments:
     """Second moments of one layer's input rows, per group of the weight: (groups, K, K)."""
 
     hessian: torch.Tensor | None = None  # sum X~^T X~
@@ -52,12 +52,37 @@ class LayerStats:
         hessian = (qt @ q).double()
         parts = (hessian, hessian if quantized is reference else (qt @ r).double(), q.double().sum(1),
                  r.double().sum(1))
+        self._merge(parts, quantized.shape[1])
+
+    def _merge(self, parts: tuple, count: int) -> None:
         if self.hessian is None:
             self.hessian, self.cross, self.sum_quantized, self.sum_reference = (part.clone() for part in parts)
         else:
             for total, part in zip((self.hessian, self.cross, self.sum_quantized, self.sum_reference), parts):
                 total += part
-        self.count += quantized.shape[1]
+        self.count += count
+
+    def __add__(self, other: "Moments") -> "Moments":
+        total = Moments()
+        for part in (self, other):
+            if part.hessian is not None:
+                total._merge((part.hessian, part.cross, part.sum_quantized, part.sum_reference), part.count)
+        return total
+
+
+class LayerStats:
+    """A layer's Moments in two folds (alternate chunks of images), to choose the damping by
+    cross-validation; `total` is the sum of both."""
+
+    def __init__(self) -> None:
+        self.folds = [Moments(), Moments()]
+
+    def add(self, quantized: torch.Tensor, reference: torch.Tensor, chunk_index: int = 0) -> None:
+        self.folds[chunk_index % 2].add(quantized, reference)
+
+    @property
+    def total(self) -> Moments:
+        return self.folds[0] + self.folds[1]
 
 
 @dataclass
@@ -221,12 +246,12 @@ def collect(layer: Layer, model: nn.Module, chunks: Callable, sampler: Sampler,
     """The layer's statistics: its inputs in the model as it now is (one pass that stops at the layer)."""
     stats = LayerStats()
     if inputs == "fp32":
-        for rows in reference_rows:
-            stats.add(rows, rows)
+        for chunk_index, rows in enumerate(reference_rows):
+            stats.add(rows, rows, chunk_index)
         return stats
     for chunk_index, images in enumerate(chunks()):
         def on_model(name: str, x: torch.Tensor, site: _Site) -> None:
-            stats.add(sampler(name, chunk_index, x, site), reference_rows[chunk_index])
+            stats.add(sampler(name, chunk_index, x, site), reference_rows[chunk_index], chunk_index)
 
         _run_until(model, images, _Capture({id(layer.module.weight): layer.name}, on_model))
     return stats
@@ -321,7 +346,7 @@ def layer_major(graph: tuple[Any, dict], layers: list[Layer], chunks: Callable, 
             reference_rows = cached.pop(layer.name)
             for chunk_index, env in enumerate(values):
                 def on_model(name: str, x: torch.Tensor, site: _Site, chunk_index=chunk_index) -> None:
-                    stats.add(sampler(name, chunk_index, x, site), reference_rows[chunk_index])
+                    stats.add(sampler(name, chunk_index, x, site), reference_rows[chunk_index], chunk_index)
 
                 try:
                     with _Capture({id(layer.module.weight): layer.name}, on_model):
