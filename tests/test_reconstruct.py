@@ -302,3 +302,20 @@ def test_a_fixed_damping_is_used_as_given_and_bad_ones_are_refused():
             ReconstructConfig(damping=bad)
     with pytest.raises(RenormError, match="damping_grid"):
         ReconstructConfig(damping_grid=())
+
+
+def test_each_layer_reports_the_damping_it_used():
+    """Two or more chunks of images: a damping of the grid per layer, in the report's layer rows;
+    a single chunk has nothing to hold out and uses the fallback."""
+    from renorm.quantize.weights import weight_quantization_stats
+    from renorm.reconstruct import FALLBACK_DAMPING
+
+    torch.manual_seed(0)
+    fp32 = perturbed(DepthwiseNet())
+    images = torch.randn(40, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    quantized = quantize_weights(copy.deepcopy(fp32), WeightQuantConfig(bits=3, scheme="uniform"))
+    config = ReconstructConfig(num_images=40)
+    rows = weight_quantization_stats(reconstruct(quantized, fp32, images, config, chunk=16))
+    assert rows and all(row["reconstruction"]["damping"] in config.damping_grid for row in rows)
+    single = weight_quantization_stats(reconstruct(quantized, fp32, images, config, chunk=64))
+    assert all(row["reconstruction"]["damping"] == FALLBACK_DAMPING for row in single)

@@ -259,5 +259,5 @@ def weight_quantization_stats(model: nn.Module) -> list[dict]:
                          "shape": list(quantized.codes.shape)})
             if quantized.reconstruction:
                 rows[-1]["reconstruction"] = {k: v for k, v in quantized.reconstruction.items()
-                                              if k.startswith("objective")}
+                                              if k.startswith("objective") or k == "damping"}
     return rows
