@@ -16,7 +16,7 @@ from torch import nn
 from renorm import __version__
 from renorm.data import Batches, ImageSource, Preset, first_images, open_images, sample
 from renorm.errors import RenormError
-from renorm.evaluate import agreement, accuracy, predict
+from renorm.evaluate import agreement, accuracy, images_counted, predict
 from renorm.forward import as_logits, eval_mode, forward
 from renorm.layers import check_layer_names
 from renorm.models import LoadedModel, load_model
@@ -267,10 +267,10 @@ class _Evaluator:
         logits, labels = predict(model, self.data, self.batch_size, self.progress, desc)
         if self.reference_logits is None:
             self.reference_logits = logits if model is self.fp32 else predict(self.fp32, self.data, self.batch_size)[0]
-        self.labeled, self.count = labels is not None, len(logits)
+        self.labeled, self.count = labels is not None, images_counted(logits, across_processes=True)
         if labels is not None:
-            return accuracy(logits, labels)
-        return agreement(logits, self.reference_logits)
+            return accuracy(logits, labels, across_processes=True)
+        return agreement(logits, self.reference_logits, across_processes=True)
 
     def info(self) -> dict[str, Any]:
         name = self.data.name if isinstance(self.data, ImageSource) else type(self.data).__name__

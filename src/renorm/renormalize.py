@@ -42,6 +42,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from renorm import distributed
 from renorm.data import Batches, no_readable_images
 from renorm.errors import RenormError
 from renorm.forward import eval_mode, forward
@@ -61,10 +62,20 @@ class Moments:
     m2: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor) -> None:
-        """Merge one batch (channels on dim 1) into the running moments."""
+        """Merge one batch (channels on dim 1) into the running moments.
+
+        With several processes (renorm.distributed), each holds its share of the batch and
+        all of them merge the moments of the whole batch.
+        """
         n = x.numel() // x.shape[1]
-        mean, var = _batch_moments(x)
-        m2 = var * n
+        if n:
+            mean, var = _batch_moments(x)
+            m2 = var * n
+        else:  # this process's share of the chunk is empty
+            mean = m2 = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+        n, mean, m2 = distributed.reduce_moments(n, mean, m2)
+        if n == 0:
+            return
         if self.count == 0:
             self.count, self.mean, self.m2 = n, mean, m2
             return
@@ -208,9 +219,10 @@ def _progressive_pass(work: nn.Module, layers: list, stream: Batches, chunk: int
     try:
         for images in rechunk(stream.images(), chunk):
             passes, count = passes + 1, count + len(images)
+            mine = images[distributed.share(len(images))]  # all of them, with one process
             if reference is not None:
-                forward(reference, images)
-            forward(work, images)
+                forward(reference, mine)
+            forward(work, mine)
     finally:
         for handle in handles:
             handle.remove()
