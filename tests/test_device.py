@@ -62,3 +62,124 @@ def test_default_workers_none_for_images_in_memory_some_for_files(photo_folder):
     assert runtime.default_workers(False, threads_used=64) == 4
     with pytest.raises(RenormError, match="--workers"):
         open_images(str(photo_folder), SMALL, workers=-1)
+
+
+# --------------------------------------------------------------------------- quantization state moves with .to()
+def _quantized_net():
+    from renorm.prune import PruneConfig, prune
+    from renorm.quantize.weights import WeightQuantConfig, quantize_weights
+
+    torch.manual_seed(0)
+    model = perturbed(SmallNet())
+    pruned, _ = prune(model, PruneConfig(0.5), example=torch.randn(2, 3, 8, 8))
+    return model, quantize_weights(pruned, WeightQuantConfig(4, "pow2"))
+
+
+def test_codes_scales_and_masks_are_buffers_that_follow_to_and_keep_their_values():
+    from renorm.quantize.weights import ATTRIBUTE, MASK_ATTRIBUTE
+
+    model, quantized = _quantized_net()
+    assert set(quantized.state_dict()) == set(model.state_dict())  # the float model's keys, nothing added
+    layer = quantized.conv2
+    record = getattr(layer, ATTRIBUTE)
+    buffers = {name for name, _ in quantized.named_buffers()}
+    assert {"conv2._renorm_quantized.codes", "conv2._renorm_quantized.scale", "conv2._renorm_mask"} <= buffers
+    codes, scale, mask = record.codes.clone(), record.scale.clone(), getattr(layer, MASK_ATTRIBUTE).clone()
+    quantized.to(torch.float64)
+    assert record.scale.dtype == torch.float64 and layer.weight.dtype == torch.float64
+    assert torch.equal(record.dequantize(), layer.weight)  # still the weights' own codes, in float64
+    quantized.to(torch.float32)
+    moved = copy.deepcopy(quantized).to("cpu")
+    moved_record = getattr(moved.conv2, ATTRIBUTE)
+    assert torch.equal(moved_record.codes, codes) and moved_record.codes.dtype == torch.int8
+    assert torch.equal(moved_record.scale, scale) and moved_record.scale.dtype == torch.float32
+    assert torch.equal(getattr(moved.conv2, MASK_ATTRIBUTE), mask)
+    assert torch.equal(moved_record.dequantize(), moved.conv2.weight)
+    assert moved_record.bits == 4 and moved_record.scheme == "pow2"
+
+
+def test_quantization_state_moves_to_another_device_with_the_model():
+    from renorm.quantize.weights import ATTRIBUTE, MASK_ATTRIBUTE
+
+    _, quantized = _quantized_net()
+    quantized.to("meta")  # no GPU here: the meta device stands for one (its tensors hold no values)
+    assert getattr(quantized.conv2, ATTRIBUTE).codes.device.type == "meta"
+    assert getattr(quantized.conv2, ATTRIBUTE).scale.device.type == "meta"
+    assert getattr(quantized.conv2, MASK_ATTRIBUTE).device.type == "meta"
+
+
+# --------------------------------------------------------------------------- helper tensors on the data's device
+def test_no_stage_creates_a_helper_tensor_on_the_default_device():
+    """With meta as the default device and the model and images on the CPU, a helper tensor created
+    without device= lands on meta and the stage fails: each must place its tensors beside the data,
+    as on a GPU."""
+    from renorm.prune import PruneConfig, prune
+    from renorm.quantize.activations import ActivationQuantConfig, calibrate_activations
+    from renorm.quantize.weights import WeightQuantConfig, quantize_weights
+    from renorm.reconstruct import ReconstructConfig, reconstruct
+
+    torch.manual_seed(0)
+    model = perturbed(SmallNet())
+    x = torch.randn(40, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    y = torch.randint(0, 10, (40,), generator=torch.Generator().manual_seed(3))
+    with torch.device("meta"):
+        pruned, _ = prune(model, PruneConfig(0.3), example=x[:4])
+        for scheme in ("pow2", "uniform"):
+            quantized = quantize_weights(pruned, WeightQuantConfig(4, scheme), example=x[:1])
+        quantized = reconstruct(quantized, pruned, x, ReconstructConfig(method="gptq", num_images=40))
+        exact = renormalize(quantized, x, chunk=16)
+        renormalize(quantized, x, mode="shift", reference=model, chunk=16)
+        final = calibrate_activations(exact, x, ActivationQuantConfig(8, 40))
+        metrics = evaluate(final, [(x, y)], reference=model)
+    assert exact.bn1.running_mean.device.type == "cpu" and metrics["images"] == 40
+
+
+# --------------------------------------------------------------------------- the command line
+def test_device_cuda_without_a_gpu_is_one_line_and_exit_2(capsys, monkeypatch):
+    from renorm import cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code = cli.main(["evaluate", "fmnist-resnet18", "--data", "fashion-mnist-mini:test", "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--device cpu" in err and "no CUDA GPU" in err
+    assert runtime.resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(RenormError, match="not a device"):
+        runtime.resolve_device("tpu")
+
+
+def test_every_stage_runs_with_device_cpu(tmp_path, capsys):
+    from renorm import cli
+
+    out = tmp_path / "model.pt"
+    code = cli.main(["compress", "fmnist-resnet18", "--calib", "fashion-mnist-mini:train", "--num-images", "64",
+                     "--wbits", "4", "--abits", "8", "--act-images", "32", "--reconstruct", "--reconstruct-images",
+                     "32", "--prune", "0.3", "--device", "cpu", "--threads", "1", "--workers", "0", "--quiet",
+                     "--out", str(out)])
+    assert code == 0 and out.exists()
+    code = cli.main(["evaluate", str(out), "--data", "fashion-mnist-mini:test", "--device", "cpu", "--quiet"])
+    assert code == 0 and "| model |" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- threads
+def test_default_threads_honour_omp_num_threads_and_the_affinity_mask(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert runtime.default_threads() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert runtime.default_threads() == 4  # an idle machine: every core of the mask
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (5.6, 0.0, 0.0))
+    assert runtime.default_threads() == 2  # 6 of 8 cores busy elsewhere
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (20.0, 0.0, 0.0))
+    assert runtime.default_threads() == 1
+
+
+def test_threads_are_set_for_the_block_and_restored():
+    before = torch.get_num_threads()
+    with runtime.threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RenormError, match="--threads"):
+        with runtime.threads(0):
+            pass

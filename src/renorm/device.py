@@ -27,11 +27,23 @@ def available_cores() -> int:
 
 
 def default_threads() -> int:
-    """OMP_NUM_THREADS when it is set to a positive number, else the cores this process may use."""
+    """OMP_NUM_THREADS when it is set to a positive number; else the cores this process may use, less
+    those that other processes keep busy (the 1-minute load average), at least 1.
+
+    On a shared machine a thread that waits for a busy core stalls every parallel operation:
+    on 2 cores under a load of 1.7, 2 threads made W4 weight quantization of resnet18 11x
+    slower than 1 thread and inference 1.9x slower (docs/results/threads.md).
+    """
     value = os.environ.get("OMP_NUM_THREADS", "").strip()
     if value.isdigit() and int(value) > 0:
         return int(value)
-    return available_cores()
+    cores = available_cores()
+    try:
+        busy = int(os.getloadavg()[0] + 0.5)
+    except (AttributeError, OSError):  # no load average on this system
+        busy = 0
+    free = (os.cpu_count() or cores) - busy
+    return max(1, min(cores, free))
 
 
 def check_threads(threads: int) -> int:
@@ -95,12 +107,3 @@ def model_device(model: nn.Module) -> torch.device:
     for tensor in model.buffers():
         return tensor.device
     return torch.device("cpu")
-
-
-def check_float32(model: nn.Module) -> None:
-    """renorm's stages run float32 models; a half-precision (or float64) one is refused with the fix."""
-    dtypes = {t.dtype for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()}
-    other = sorted(str(d).removeprefix("torch.") for d in dtypes if d != torch.float32)
-    if other:
-        raise RenormError(f"the model holds {', '.join(other)} tensors; renorm compresses float32 models: "
-                          "convert it first (model.float()), and back after compressing if you need to")
