@@ -1,0 +1,126 @@
+"""Several processes (torch.distributed, gloo on the CPU) give the statistics and the numbers of one.
+
+Re-normalization splits each chunk across the processes and all-reduces the moments at
+every BatchNorm; evaluation splits the images and all-reduces its counts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import SmallNet, perturbed
+from renorm import cli, distributed
+from renorm.evaluate import evaluate
+from renorm.renormalize import renormalize
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+IMAGES = 129  # chunks of 64, 64 and 1: in the last one, the first process has no image
+
+
+def _inputs():
+    torch.manual_seed(0)
+    model = perturbed(SmallNet())
+    images = torch.randn(IMAGES, 3, 10, 10, generator=torch.Generator().manual_seed(4)) * 1.3 + 0.2
+    labels = torch.randint(0, 10, (IMAGES,), generator=torch.Generator().manual_seed(5))
+    return model, images, labels
+
+
+def _stages():
+    """What each process computes: exact and shift statistics, accuracy, agreement."""
+    model, images, labels = _inputs()
+    exact = renormalize(model, images, chunk=64)
+    shift = renormalize(model, images, mode="shift", reference=model, chunk=64)
+    return {"exact": {k: v for k, v in exact.state_dict().items() if "running" in k},
+            "shift": {k: v for k, v in shift.state_dict().items() if "running" in k},
+            "accuracy": evaluate(exact, images_with_labels(images, labels), batch_size=16),
+            "agreement": evaluate(exact, images, reference=model, batch_size=16)}
+
+
+def images_with_labels(images, labels):
+    from renorm.images import ImageSource
+
+    class Labeled(ImageSource):  # an ImageSource, so that each process reads only its share
+        def __len__(self):
+            return len(images)
+
+        def load(self, index):
+            return images[index], int(labels[index])
+
+    return Labeled(name="random", classes=tuple(str(i) for i in range(10)))
+
+
+def _worker(rank: int, size: int, rendezvous: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=size)
+    try:
+        assert distributed.world_size() == size and distributed.rank() == rank
+        torch.save(_stages(), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _strip(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k != "seconds"}
+
+
+def test_two_processes_give_the_statistics_and_evaluation_of_one(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path / "result")), nprocs=2, join=True)
+    one = _stages()
+    for rank in range(2):
+        many = torch.load(tmp_path / f"result.{rank}")
+        for mode in ("exact", "shift"):
+            for key, value in one[mode].items():
+                torch.testing.assert_close(many[mode][key], value, rtol=1e-5, atol=1e-7, msg=f"{mode} {key}")
+        assert _strip(many["accuracy"]) == _strip(one["accuracy"])
+        assert _strip(many["agreement"]) == pytest.approx(_strip(one["agreement"]), rel=1e-6)
+        assert many["accuracy"]["images"] == many["agreement"]["images"] == IMAGES
+
+
+def _torchrun(*words: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "renorm.cli", *words], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_torchrun_compress_and_evaluate_match_one_process(tmp_path, capsys):
+    """The README's command: `torchrun --nproc-per-node 2 ... renorm compress` (here through python -m, so that
+    it runs this checkout), two gloo processes on the CPU."""
+    common = ["fmnist-resnet18", "--calib", "fashion-mnist-mini:train", "--num-images", str(IMAGES), "--wbits", "4",
+              "--device", "cpu", "--quiet"]
+    run = _torchrun("compress", *common, "--out", "two.pt", "--report", "two.json", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("model: fmnist-resnet18") == 1  # only the first process prints
+    assert cli.main(["compress", *common, "--out", str(tmp_path / "one.pt"), "--threads", "1"]) == 0
+    one = torch.load(tmp_path / "one.pt", weights_only=False)["state_dict"]
+    two = torch.load(tmp_path / "two.pt", weights_only=False)["state_dict"]
+    assert one.keys() == two.keys()
+    for key in one:
+        if "running" in key:
+            torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-7, msg=key)
+        else:
+            assert torch.equal(two[key], one[key]), key
+    assert json.loads((tmp_path / "two.json").read_text())["calibration"]["images_used"] == IMAGES
+
+    run = _torchrun("evaluate", "two.pt", "--data", "fashion-mnist-mini:test", "--device", "cpu", "--quiet",
+                    "--report", "eval-two.json", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    capsys.readouterr()
+    assert cli.main(["evaluate", str(tmp_path / "two.pt"), "--data", "fashion-mnist-mini:test", "--quiet",
+                     "--threads", "1", "--report", str(tmp_path / "eval-one.json")]) == 0
+    many = json.loads((tmp_path / "eval-two.json").read_text())
+    single = json.loads((tmp_path / "eval-one.json").read_text())
+    assert many["accuracy"] == single["accuracy"] and many["evaluation"]["images"] == single["evaluation"]["images"]
+
+
+def test_sensitivity_refuses_torchrun(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["sensitivity", "fmnist-resnet18", "--calib", "fashion-mnist-mini:train"]) == 2
+    assert "without torchrun" in capsys.readouterr().err
