@@ -16,8 +16,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import SmallNet, perturbed
+from conftest import SmallNet, perturbed, write_image
 from renorm import cli, distributed
+from renorm.data import make_preset, open_images
 from renorm.evaluate import evaluate
 from renorm.renormalize import renormalize
 
@@ -33,12 +34,15 @@ def _inputs():
     return model, images, labels
 
 
-def _stages():
-    """What each process computes: exact and shift statistics, accuracy, agreement."""
+def _stages(folder: str):
+    """What each process computes: exact and shift statistics, accuracy, agreement; statistics on image files."""
     model, images, labels = _inputs()
+    files = open_images(folder, make_preset("imagenet", resize=10, crop=10), labeled=False)
+    on_files = renormalize(model, files, chunk=8)
     exact = renormalize(model, images, chunk=64)
     shift = renormalize(model, images, mode="shift", reference=model, chunk=64)
-    return {"exact": {k: v for k, v in exact.state_dict().items() if "running" in k},
+    return {"files": {k: v for k, v in on_files.state_dict().items() if "running" in k}, "skipped": files.skipped,
+            "exact": {k: v for k, v in exact.state_dict().items() if "running" in k},
             "shift": {k: v for k, v in shift.state_dict().items() if "running" in k},
             "accuracy": evaluate(exact, images_with_labels(images, labels), batch_size=16),
             "agreement": evaluate(exact, images, reference=model, batch_size=16)}
@@ -57,12 +61,12 @@ def images_with_labels(images, labels):
     return Labeled(name="random", classes=tuple(str(i) for i in range(10)))
 
 
-def _worker(rank: int, size: int, rendezvous: str, out: str) -> None:
+def _worker(rank: int, size: int, rendezvous: str, out: str, folder: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=size)
     try:
         assert distributed.world_size() == size and distributed.rank() == rank
-        torch.save(_stages(), f"{out}.{rank}")
+        torch.save(_stages(folder), f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -72,11 +76,19 @@ def _strip(metrics: dict) -> dict:
 
 
 def test_two_processes_give_the_statistics_and_evaluation_of_one(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path / "result")), nprocs=2, join=True)
-    one = _stages()
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for index in range(21):  # chunks of 8, 8 and 5 images; the second holds an unreadable file
+        write_image(folder / f"{index:02d}.png", size=(12, 11), seed=index)
+    (folder / "09.png").write_text("not an image")
+    mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path / "result"), str(folder)), nprocs=2,
+             join=True)
+    one = _stages(str(folder))
+    assert [Path(p).name for p in one["skipped"]] == ["09.png"]
     for rank in range(2):
         many = torch.load(tmp_path / f"result.{rank}")
-        for mode in ("exact", "shift"):
+        assert many["skipped"] == one["skipped"]  # each process names the file the other one skipped
+        for mode in ("files", "exact", "shift"):
             for key, value in one[mode].items():
                 torch.testing.assert_close(many[mode][key], value, rtol=1e-5, atol=1e-7, msg=f"{mode} {key}")
         assert _strip(many["accuracy"]) == _strip(one["accuracy"])

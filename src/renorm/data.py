@@ -273,6 +273,33 @@ def _decoded(source: ImageSource, batch_size: int) -> Iterator[tuple[Any, Any, s
         yield from items
 
 
+def chunk_shares(source: ImageSource, chunk: int, share: Callable[[int], slice], batch_size: int = 50,
+                 progress: bool = False, desc: str = "images") -> Iterator[torch.Tensor | None]:
+    """For each run of `chunk` consecutive images of `source` (by position): the readable images of the
+    part that share(run length) selects, as one tensor, or None when that part holds none.
+
+    Only those parts are decoded (by source.workers processes, as iter_batches does); unreadable
+    files are skipped and named in source.skipped.
+    """
+    from tqdm.auto import tqdm
+
+    runs = [range(start, min(start + chunk, len(source))) for start in range(0, len(source), chunk)]
+    parts = [run[share(len(run))] for run in runs]
+    mine = SubsetImages(name=source.name, base=source, indices=[index for part in parts for index in part])
+    items = _decoded(mine, batch_size)
+    with tqdm(total=len(mine), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for part in parts:
+            images = []
+            for _ in part:
+                image, _label, unreadable = next(items)
+                if unreadable is None:
+                    images.append(image)
+                elif unreadable not in source.skipped:
+                    source.skipped.append(unreadable)
+            bar.update(len(part))
+            yield _stack(images, source) if images else None
+
+
 def _stack(images: list[torch.Tensor], source: ImageSource) -> torch.Tensor:
     shapes = {tuple(t.shape) for t in images}
     if len(shapes) > 1:

@@ -30,9 +30,11 @@ def default_threads() -> int:
     """OMP_NUM_THREADS when it is set to a positive number; else the cores this process may use, less
     those that other processes keep busy (the 1-minute load average), at least 1.
 
-    On a shared machine a thread that waits for a busy core stalls every parallel operation:
-    on 2 cores under a load of 1.7, 2 threads made W4 weight quantization of resnet18 11x
-    slower than 1 thread and inference 1.9x slower (docs/results/threads.md).
+    On a shared machine a thread that waits for a busy core stalls every parallel operation.
+    On this project's 2-core machine with two other busy processes, 2 threads took 74.5 s for
+    W4 weight quantization of resnet18 where 1 took 7.4 s, and 9.3 s for an inference pass
+    where 1 took 3.7 s; with no extra busy process, 2 threads ran that pass in 0.86 s against
+    1.67 s (docs/results/threads.md, python -m benchmarks.threads).
     """
     value = os.environ.get("OMP_NUM_THREADS", "").strip()
     if value.isdigit() and int(value) > 0:

@@ -77,6 +77,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def total(count: int) -> int:
+    """The sum of `count` over all processes (`count` itself with one process)."""
+    if not active():
+        return count
+    return int(all_reduce_sum(torch.tensor([count], dtype=torch.float64)).item())
+
+
 def reduce_moments(count: int, mean: torch.Tensor, m2: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
     """Per-channel (count, mean, M2) of all processes' batches together, from each one's own (float64).
 
