@@ -134,6 +134,14 @@ def test_no_stage_creates_a_helper_tensor_on_the_default_device():
     assert exact.bn1.running_mean.device.type == "cpu" and metrics["images"] == 40
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_model_is_refused_with_the_fix(dtype):
+    from renorm.api import Config, compress
+
+    with pytest.raises(RenormError, match=r"model\.float\(\)"):
+        compress(SmallNet().to(dtype), torch.randn(8, 3, 8, 8), Config(wbits=4))
+
+
 # --------------------------------------------------------------------------- the command line
 def test_device_cuda_without_a_gpu_is_one_line_and_exit_2(capsys, monkeypatch):
     from renorm import cli
@@ -147,16 +155,20 @@ def test_device_cuda_without_a_gpu_is_one_line_and_exit_2(capsys, monkeypatch):
         runtime.resolve_device("tpu")
 
 
-def test_every_stage_runs_with_device_cpu(tmp_path, capsys):
+def test_every_stage_runs_with_device_cpu(tmp_path, photo_folder, capsys):
     from renorm import cli
 
+    torch.manual_seed(0)
+    torch.save(perturbed(SmallNet(classes=2)), tmp_path / "small.pt")
+    model = [str(tmp_path / "small.pt"), "--trust-pickle", "--resize", "12", "--crop", "12", "--quiet",
+             "--device", "cpu", "--threads", "1", "--workers", "1"]
     out = tmp_path / "model.pt"
-    code = cli.main(["compress", "fmnist-resnet18", "--calib", "fashion-mnist-mini:train", "--num-images", "64",
-                     "--wbits", "4", "--abits", "8", "--act-images", "32", "--reconstruct", "--reconstruct-images",
-                     "32", "--prune", "0.3", "--device", "cpu", "--threads", "1", "--workers", "0", "--quiet",
-                     "--out", str(out)])
-    assert code == 0 and out.exists()
-    code = cli.main(["evaluate", str(out), "--data", "fashion-mnist-mini:test", "--device", "cpu", "--quiet"])
+    code = cli.main(["compress", *model, "--calib", str(photo_folder), "--eval", str(photo_folder),
+                     "--num-images", "32", "--wbits", "4", "--abits", "8", "--act-images", "16", "--reconstruct",
+                     "--reconstruct-images", "16", "--prune", "0.3", "--out", str(out)])
+    assert code == 0 and out.exists() and "| + activation quantization |" in capsys.readouterr().out
+    code = cli.main(["evaluate", str(out), "--trust-pickle", "--data", str(photo_folder), "--device", "cpu",
+                     "--quiet"])
     assert code == 0 and "| model |" in capsys.readouterr().out
 
 

@@ -45,7 +45,8 @@ def _stages(folder: str):
             "exact": {k: v for k, v in exact.state_dict().items() if "running" in k},
             "shift": {k: v for k, v in shift.state_dict().items() if "running" in k},
             "accuracy": evaluate(exact, images_with_labels(images, labels), batch_size=16),
-            "agreement": evaluate(exact, images, reference=model, batch_size=16)}
+            "agreement": evaluate(exact, images, reference=model, batch_size=16),
+            "loader": evaluate(exact, list(zip(images.split(16), labels.split(16))))}
 
 
 def images_with_labels(images, labels):
@@ -93,7 +94,8 @@ def test_two_processes_give_the_statistics_and_evaluation_of_one(tmp_path):
                 torch.testing.assert_close(many[mode][key], value, rtol=1e-5, atol=1e-7, msg=f"{mode} {key}")
         assert _strip(many["accuracy"]) == _strip(one["accuracy"])
         assert _strip(many["agreement"]) == pytest.approx(_strip(one["agreement"]), rel=1e-6)
-        assert many["accuracy"]["images"] == many["agreement"]["images"] == IMAGES
+        assert _strip(many["loader"]) == _strip(one["loader"]) == _strip(one["accuracy"])
+        assert many["accuracy"]["images"] == many["agreement"]["images"] == many["loader"]["images"] == IMAGES
 
 
 def _torchrun(*words: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -132,7 +134,9 @@ def test_torchrun_compress_and_evaluate_match_one_process(tmp_path, capsys):
     assert many["accuracy"] == single["accuracy"] and many["evaluation"]["images"] == single["evaluation"]["images"]
 
 
-def test_sensitivity_refuses_torchrun(monkeypatch, capsys):
+def test_sensitivity_and_demo_refuse_torchrun(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert cli.main(["sensitivity", "fmnist-resnet18", "--calib", "fashion-mnist-mini:train"]) == 2
     assert "without torchrun" in capsys.readouterr().err
+    assert cli.main(["demo"]) == 2
+    assert "renorm demo runs in one process" in capsys.readouterr().err

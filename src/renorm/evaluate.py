@@ -48,10 +48,10 @@ def predict(model: nn.Module, images: Any, batch_size: int = 50, progress: bool 
 
 
 def my_share(images: Any) -> Any:
-    """This process's share of an ImageSource or a tensor of images (all of it with one process).
+    """This process's share of the images (all of them with one process).
 
-    Other inputs (DataLoaders) are read whole by every process: shard them with a
-    DistributedSampler, and count them with across_processes=True.
+    An ImageSource or a tensor: a contiguous share, and only it is decoded. Other inputs
+    (DataLoaders, lists of batches): every process reads them and keeps every K-th batch.
     """
     if not distributed.active():
         return images
@@ -59,7 +59,19 @@ def my_share(images: Any) -> Any:
         return SubsetImages(name=images.name, base=images, indices=list(range(len(images)))[distributed.share(len(images))])
     if isinstance(images, torch.Tensor):
         return images[distributed.share(len(images))]
-    return images
+    return _EveryKthBatch(images, distributed.rank(), distributed.world_size())
+
+
+class _EveryKthBatch:
+    """Batches number index, index + size, index + 2 size, ... of a re-iterable of batches."""
+
+    def __init__(self, data: Any, index: int, size: int):
+        self.data, self.index, self.size = data, index, size
+
+    def __iter__(self):
+        for number, batch in enumerate(Batches(self.data)):
+            if number % self.size == self.index:
+                yield batch
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor, across_processes: bool = False) -> dict[str, float]:
