@@ -1,6 +1,6 @@
 """At scale on this machine: one process or two (torch.distributed, gloo), threads, decoding workers.
 
-    python -m benchmarks.scale [--images 256] [--quick]
+    python -m benchmarks.scale [--images 256] [--quick] [--model resnet50] [--device cuda]
 
 torchvision resnet18 (random weights) at 224 px on JPEG files (written once into a
 temporary folder: 500x375 smooth random pictures, so that decoding and resizing cost what
@@ -9,7 +9,9 @@ workers) three workloads run in fresh processes, launched with torchrun when the
 two: a plain inference pass over the images (decoding included; renorm.evaluate.predict,
 which splits the images across processes), exact re-normalization alone, and the whole
 W4A8 pipeline (renorm.compress: quantize, re-normalize, calibrate 8-bit activations; no
-evaluation). Images/s counts the calibration images. Writes docs/results/scale.md.
+evaluation). Images/s counts the calibration images. Writes docs/results/scale.md
+(scale_MODEL_DEVICE.md for another model or device). With --device cuda: one process,
+without and with 4 decoding workers, and one process per GPU (nccl) when there are several.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ def write_photos(folder: Path, count: int) -> None:
         picture.save(folder / f"{index:05d}.jpg", quality=90)
 
 
-def measure(workload: str, folder: str, images: int, workers: int) -> None:
+def measure(workload: str, folder: str, images: int, workers: int, model_name: str, device_spec: str) -> None:
     """Run one workload in this process (one of several under torchrun); rank 0 prints its seconds as JSON."""
     import torch
     import torch.distributed as dist
@@ -46,14 +48,16 @@ def measure(workload: str, folder: str, images: int, workers: int) -> None:
 
     from renorm import distributed
     from renorm.api import Config, compress
+    from renorm.device import resolve_device
     from renorm.data import PRESETS, open_images, sample
     from renorm.evaluate import predict
     from renorm.renormalize import renormalize
 
-    if distributed.launched():
-        dist.init_process_group("gloo")
+    device = resolve_device(device_spec)
+    distributed.setup(device)
     torch.manual_seed(0)
-    model = torchvision.models.resnet18().eval()
+    model = torchvision.models.get_model(model_name).eval().to(device)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     source = sample(open_images(folder, PRESETS["imagenet"], labeled=False, workers=workers), images, seed=0)
     if distributed.active():
         dist.barrier()
@@ -65,6 +69,7 @@ def measure(workload: str, folder: str, images: int, workers: int) -> None:
     else:
         compress(model, source, Config(wbits=4, abits=8, num_images=images, act_images=min(400, images),
                                        batch_size=64))
+    synchronize()
     if distributed.active():
         dist.barrier()
     seconds = time.perf_counter() - start
@@ -74,10 +79,11 @@ def measure(workload: str, folder: str, images: int, workers: int) -> None:
         dist.destroy_process_group()
 
 
-def run(workload: str, folder: Path, images: int, processes: int, threads: int, workers: int) -> float:
+def run(workload: str, folder: Path, images: int, processes: int, threads: int, workers: int, model: str,
+        device: str) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     inner = ["-m", "benchmarks.scale", "--measure", workload, "--folder", str(folder), "--images", str(images),
-             "--workers", str(workers)]
+             "--workers", str(workers), "--model", model, "--device", device]
     if processes > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
                    *inner]
@@ -91,12 +97,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=256, help="calibration images (default 256)")
     parser.add_argument("--quick", action="store_true", help="64 images, two settings")
+    parser.add_argument("--model", default="resnet18", help="a torchvision classifier (default resnet18)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--measure", choices=WORKLOADS, help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        measure(args.measure, args.folder, args.images, args.workers)
+        measure(args.measure, args.folder, args.images, args.workers, args.model, args.device)
         return
 
     from benchmarks.common import COMMIT, RESULTS, markdown_table
@@ -104,12 +112,18 @@ def main() -> None:
 
     images = 64 if args.quick else args.images
     settings = SETTINGS[:1] + SETTINGS[-1:] if args.quick else SETTINGS
+    if args.device != "cpu":
+        import torch
+
+        gpus = torch.cuda.device_count()
+        settings = [(1, 1, 0), (1, 1, 4)] + ([(gpus, 1, 0)] if gpus > 1 else [])
     rows, started = [], time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     with tempfile.TemporaryDirectory() as folder:
         write_photos(Path(folder), images)
         for processes, threads, workers in settings:
             load = os.getloadavg()[0]
-            seconds = {w: run(w, Path(folder), images, processes, threads, workers) for w in WORKLOADS}
+            seconds = {w: run(w, Path(folder), images, processes, threads, workers, args.model, args.device)
+                       for w in WORKLOADS}
             row = [str(processes), str(threads), str(workers), f"{load:.2f}"]
             row += [f"{seconds[w]:.1f} ({images / seconds[w]:.1f})" for w in WORKLOADS]
             row += [f"{seconds['renormalize'] / seconds['inference']:.2f}"]
@@ -118,12 +132,17 @@ def main() -> None:
     table = markdown_table(["processes", "threads each", "decoding workers each", "load before (1 min)",
                             "inference s (img/s)", "re-normalization s (img/s)", "W4A8 pipeline s (img/s)",
                             "re-normalization / inference"], rows)
-    name = "scale_quick.md" if args.quick else "scale.md"
-    text = (f"# One process or two, threads, decoding workers\n\n`python -m benchmarks.scale"
-            f"{' --quick' if args.quick else f' --images {images}'}`; renorm commit {COMMIT}, {os.cpu_count()} cores, "
-            f"started {started}. torchvision resnet18 (random weights), {images} JPEG files (500x375) at 224 px, "
-            "batch and chunk 64. Two processes: torchrun, gloo. The load average counts every process on the "
-            "machine, other users' included: it is not controlled.\n\n" + table + "\n")
+    stem = "scale" if (args.model, args.device) == ("resnet18", "cpu") else f"scale_{args.model}_{args.device}"
+    name = f"{stem}_quick.md" if args.quick else f"{stem}.md"
+    options = " --quick" if args.quick else f" --images {images}"
+    options += "" if args.model == "resnet18" else f" --model {args.model}"
+    options += "" if args.device == "cpu" else f" --device {args.device}"
+    backend = "gloo" if args.device == "cpu" else "nccl"
+    text = (f"# One process or several, threads, decoding workers\n\n`python -m benchmarks.scale{options}`; renorm "
+            f"commit {COMMIT}, {os.cpu_count()} cores, device {args.device}, started {started}. torchvision "
+            f"{args.model} (random weights), {images} JPEG files (500x375) at 224 px, batch and chunk 64. Several "
+            f"processes: torchrun, {backend}. The load average counts every process on the machine, other users' "
+            "included: it is not controlled.\n\n" + table + "\n")
     write_atomic(RESULTS / name, lambda handle: handle.write(text.encode()))
     print(table)
 
