@@ -121,7 +121,9 @@ def test_torchrun_compress_and_evaluate_match_one_process(tmp_path, capsys):
             torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-7, msg=key)
         else:
             assert torch.equal(two[key], one[key]), key
-    assert json.loads((tmp_path / "two.json").read_text())["calibration"]["images_used"] == IMAGES
+    report = json.loads((tmp_path / "two.json").read_text())
+    assert report["calibration"]["images_used"] == IMAGES
+    assert report["runtime"] == {"device": "cpu", "threads": 1, "workers": 0, "processes": 2}
 
     run = _torchrun("evaluate", "two.pt", "--data", "fashion-mnist-mini:test", "--device", "cpu", "--quiet",
                     "--report", "eval-two.json", cwd=tmp_path)
@@ -132,6 +134,7 @@ def test_torchrun_compress_and_evaluate_match_one_process(tmp_path, capsys):
     many = json.loads((tmp_path / "eval-two.json").read_text())
     single = json.loads((tmp_path / "eval-one.json").read_text())
     assert many["accuracy"] == single["accuracy"] and many["evaluation"]["images"] == single["evaluation"]["images"]
+    assert (many["runtime"]["processes"], single["runtime"]["processes"]) == (2, 1)
 
 
 def test_sensitivity_and_demo_refuse_torchrun(monkeypatch, capsys):

@@ -197,6 +197,7 @@ def run_compress(args: argparse.Namespace) -> int:
 
         plot_frontier(report["bits"], args.frontier, f"{loaded.spec}: bit allocation frontier")
         report["bits"]["plot"] = args.frontier
+    report["runtime"] = _runtime_record(args, calib)
     if args.out and distributed.is_main():
         size = save_compressed(args.out, result.model.cpu(), loaded, protected=[args.model, args.weights])
         report["output"] = {"path": args.out, "bytes": size}
@@ -227,7 +228,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                             "num_classes": args.reference_num_classes} if reference else None,
               "evaluation": {"source": data.name, "images": metrics["images"], "skipped": len(data.skipped),
                              "skipped_files": list(data.skipped), "seconds": metrics["seconds"]},
-              "accuracy": accuracy, "table": accuracy_table(accuracy)}
+              "accuracy": accuracy, "table": accuracy_table(accuracy), "runtime": _runtime_record(args, data)}
     _finish(report, args.report)
     return 0
 
@@ -277,6 +278,12 @@ def _check_outputs(args: argparse.Namespace, inputs: Sequence[str | None], *flag
         for other, other_path in given[index + 1:]:
             if path == other_path:
                 raise RenormError(f"{flag} and {other} name the same file {path}; give two file names")
+
+
+def _runtime_record(args: argparse.Namespace, images: Any) -> dict[str, Any]:
+    """Where the command ran, for the report."""
+    return {"device": str(args.device), "threads": args.threads, "workers": images.workers,
+            "processes": distributed.world_size()}
 
 
 def _progress(args: argparse.Namespace) -> bool:
