@@ -241,6 +241,15 @@ CLI: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "demo --report is a folder": (lambda w: ["demo", "--report", str(w / "out")], "is a folder"),
     "demo --report in a missing folder": (lambda w: ["demo", "--report", str(w / "no" / "r.json")], "does not exist"),
     "demo with a stray flag": (lambda w: ["demo", "--wbits", "2"], "unrecognized arguments"),
+    # where it runs
+    "--device that is not one": (lambda w: ["compress", *small(w), "--calib", str(w / "photos"), "--device", "tpu"],
+                                 "is not a device"),
+    "--device cuda:99": (lambda w: ["evaluate", *small(w), "--data", str(w / "photos"), "--device", "cuda:99"],
+                         "--device cuda:99"),  # no GPU: none seen; with GPUs: not that many
+    "--threads 0": (lambda w: ["compress", *small(w), "--calib", str(w / "photos"), "--threads", "0"],
+                    "--threads must be at least 1"),
+    "--workers -1": (lambda w: ["evaluate", *small(w), "--data", str(w / "photos"), "--workers", "-1"],
+                     "--workers must be 0 or more"),
 }
 
 
@@ -275,6 +284,7 @@ def api_cases() -> dict[str, tuple[Callable[[Path], object], str]]:
         "API: compress a one-shot generator": (
             lambda w: compress(SmallNet(), (b for b in images.split(4)), Config(wbits=32)), "re-iterable"),
         "API: Config(wbits=7) with pow2": (lambda w: Config(wbits=7), "use --scheme uniform"),
+        "API: Config(threads=0)": (lambda w: Config(threads=0), "--threads must be at least 1"),
         "API: WeightQuantConfig(scheme='float8')": (lambda w: WeightQuantConfig(scheme="float8"), "float8"),
         "API: shift without a reference": (lambda w: renormalize(SmallNet(), images, "shift"), "reference"),
         "API: load a JPEG": (lambda w: load_model(str(w / "photo.jpg")), "JPEG image"),

@@ -94,11 +94,13 @@ def test_a_half_precision_model_is_not_called_a_size_problem(stage):
     assert "--resize" not in message
 
 
-def test_a_model_on_another_device_is_named():
+def test_images_follow_the_model_to_its_device_and_a_model_split_across_devices_is_named():
     model = nn.Linear(4, 2).to("meta")
+    assert forward(model, torch.randn(2, 4)).device.type == "meta"  # the images were moved to the model
+    split = nn.Sequential(nn.Linear(4, 3).to("meta"), nn.Linear(3, 2))
     with pytest.raises(RenormError) as info:
-        forward(model, torch.randn(2, 4))
-    assert "the model is on meta" in str(info.value) and "--resize" not in str(info.value)
+        forward(split, torch.randn(2, 4))
+    assert "on cpu and meta" in str(info.value) and "model.to(device)" in str(info.value)
 
 
 def test_other_runtime_errors_keep_their_own_words():

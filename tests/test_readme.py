@@ -41,6 +41,16 @@ def test_every_command_line_in_the_readme_parses():
         parser.parse_args(words[1:])  # a RenormError (unknown flag, bad choice) fails the test
 
 
+def test_every_torchrun_line_in_the_readme_runs_a_renorm_command_that_parses():
+    parser = build_parser()
+    lines = "\n".join(code_blocks("bash")).replace("\\\n", " ").splitlines()
+    commands = [shlex.split(line, comments=True) for line in lines if line.strip().startswith("torchrun ")]
+    assert len(commands) >= 2
+    for words in commands:
+        assert words[words.index("--no-python") + 1] == "renorm"
+        parser.parse_args(words[words.index("--no-python") + 2:])
+
+
 def test_the_python_example_calls_the_api_as_it_is():
     """Every renorm.NAME(...) in the README's Python block exists and accepts the arguments given."""
     tree = ast.parse(code_blocks("python")[0])

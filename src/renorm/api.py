@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from renorm import __version__
+from renorm.device import check_threads, threads
 from renorm.data import Batches, ImageSource, Preset, first_images, open_images, sample
 from renorm.errors import RenormError
-from renorm.evaluate import agreement, accuracy, predict
+from renorm.evaluate import agreement, accuracy, images_counted, predict
 from renorm.forward import as_logits, eval_mode, forward
 from renorm.layers import check_layer_names
 from renorm.models import LoadedModel, load_model
@@ -60,6 +61,7 @@ class Config:
     reconstruct: str = "none"  # a method of renorm.reconstruct, or none
     reconstruct_images: int = 256
     sensitivity_images: int = 32  # calibration images that measure each layer's sensitivity for avg_bits
+    threads: int | None = None  # torch's CPU threads while compress runs (None: as they are); see renorm.device
 
     def __post_init__(self) -> None:
         if self.renorm not in MODES:
@@ -79,6 +81,8 @@ class Config:
             check_average_bits(self.avg_bits)
         if self.reconstruct != "none":
             self.reconstruct_config()
+        if self.threads is not None:
+            check_threads(self.threads)
 
     def weight_config(self, extra_bits: tuple[tuple[str, int], ...] = ()) -> WeightQuantConfig:
         return WeightQuantConfig(self.wbits, self.scheme, self.first_last_bits, tuple(self.exclude),
@@ -116,9 +120,16 @@ def compress(model: nn.Module | str | LoadedModel, calib: Any, config: Config = 
     default the model's own), a tensor, or a DataLoader. Labeled eval data gives accuracy;
     unlabeled gives agreement with the FP32 model; without eval_data no stage is
     evaluated (report["accuracy"] is empty and report["evaluation"] says so). Every
-    option is checked against the model before any pass over the data.
+    option is checked against the model before any pass over the data. Every stage runs
+    on the model's device (move it with .to(device) first); config.threads sets torch's
+    CPU threads for the call.
     """
-    loaded = _as_loaded(model)
+    with threads(config.threads):
+        return _compress(_as_loaded(model), calib, config, eval_data, preset, progress)
+
+
+def _compress(loaded: LoadedModel, calib: Any, config: Config, eval_data: Any, preset: Preset | None,
+              progress: bool) -> Result:
     fp32 = loaded.model  # never modified, never switched to eval mode: see renorm.forward.eval_mode
     if isinstance(fp32, torch.jit.ScriptModule):
         raise RenormError("a TorchScript model can be evaluated but not compressed: PyTorch allows no hooks or "
@@ -267,10 +278,10 @@ class _Evaluator:
         logits, labels = predict(model, self.data, self.batch_size, self.progress, desc)
         if self.reference_logits is None:
             self.reference_logits = logits if model is self.fp32 else predict(self.fp32, self.data, self.batch_size)[0]
-        self.labeled, self.count = labels is not None, len(logits)
+        self.labeled, self.count = labels is not None, images_counted(logits, across_processes=True)
         if labels is not None:
-            return accuracy(logits, labels)
-        return agreement(logits, self.reference_logits)
+            return accuracy(logits, labels, across_processes=True)
+        return agreement(logits, self.reference_logits, across_processes=True)
 
     def info(self) -> dict[str, Any]:
         name = self.data.name if isinstance(self.data, ImageSource) else type(self.data).__name__

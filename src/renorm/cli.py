@@ -7,9 +7,11 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
+from renorm import distributed
 from renorm.errors import RenormError, one_line
 from renorm.images import PRESETS
 from renorm.prune import BUDGETS, IMPORTANCES, KINDS, SCOPES
@@ -41,7 +43,19 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     pre.add_argument("--std", type=float, nargs="+", help="1 or 3 numbers (RGB), on a 0..1 scale")
 
 
+def _runtime_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("where it runs")
+    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (default: the GPU when "
+                       "PyTorch sees one, else the CPU; under torchrun each process takes cuda:LOCAL_RANK)")
+    group.add_argument("--threads", type=int, help="CPU threads (default: OMP_NUM_THREADS when set, else the cores "
+                       "this process may use less those other processes keep busy)")
+    group.add_argument("--workers", type=int, help="processes that decode image files while the model runs "
+                       "(default: up to 4, one core left free; 0 for built-in sets already in memory); the images "
+                       "and their order do not depend on it")
+
+
 def _common_options(parser: argparse.ArgumentParser) -> None:
+    _runtime_options(parser)
     parser.add_argument("--batch-size", type=int, default=50, help="images per forward pass (default 50)")
     parser.add_argument("--report", help="write the JSON report here")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -140,8 +154,11 @@ def _load(args: argparse.Namespace, reference: bool = False):
     from renorm.models import load_model
 
     if reference:
-        return load_model(args.reference, args.reference_weights, args.reference_num_classes, args.trust_pickle)
+        loaded = load_model(args.reference, args.reference_weights, args.reference_num_classes, args.trust_pickle)
+        loaded.model.to(args.device)
+        return loaded
     loaded = load_model(args.model, args.weights, args.num_classes, args.trust_pickle)
+    loaded.model.to(args.device)
     custom = any(getattr(args, k, None) is not None for k in ("preset", "resize", "crop", "mean", "std"))
     if custom:
         loaded.preset = make_preset(args.preset or (loaded.preset or "imagenet"), args.resize, args.crop,
@@ -168,20 +185,21 @@ def run_compress(args: argparse.Namespace) -> int:
                     prune_budget=args.prune_budget, prune_exclude=tuple(args.prune_exclude),
                     prune_first_last=args.prune_first_last, prune_depthwise=args.prune_depthwise,
                     layer_bits=parse_layer_bits(args.layer_bits), avg_bits=args.avg_bits, reconstruct=method,
-                    reconstruct_images=args.reconstruct_images)
+                    reconstruct_images=args.reconstruct_images, threads=args.threads)
     _check_outputs(args, (args.model, args.weights), "--out", "--report", "--frontier")
     loaded = _load(args)
-    calib = open_images(args.calib, loaded.preset, labeled=False)
-    eval_data = open_images(args.eval, loaded.preset) if args.eval else None
-    result = compress(loaded, calib, config, eval_data, progress=not args.quiet)
+    calib = open_images(args.calib, loaded.preset, labeled=False, workers=args.workers)
+    eval_data = open_images(args.eval, loaded.preset, workers=args.workers) if args.eval else None
+    result = compress(loaded, calib, config, eval_data, progress=_progress(args))
     report = result.report
     if args.frontier:
         from renorm.quantize.allocation import plot_frontier
 
         plot_frontier(report["bits"], args.frontier, f"{loaded.spec}: bit allocation frontier")
         report["bits"]["plot"] = args.frontier
-    if args.out:
-        size = save_compressed(args.out, result.model, loaded, protected=[args.model, args.weights])
+    report["runtime"] = _runtime_record(args, calib)
+    if args.out and distributed.is_main():
+        size = save_compressed(args.out, result.model.cpu(), loaded, protected=[args.model, args.weights])
         report["output"] = {"path": args.out, "bytes": size}
     _finish(report, args.report)
     return 0
@@ -201,16 +219,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
     _check_outputs(args, (args.model, args.weights, args.reference, args.reference_weights), "--report")
     loaded = _load(args)
     reference = _load(args, reference=True) if args.reference else None
-    data = open_images(args.data, loaded.preset)
+    data = open_images(args.data, loaded.preset, workers=args.workers)
     metrics = evaluate(loaded.model, data, reference.model if reference else None, args.batch_size,
-                       progress=not args.quiet)
+                       progress=_progress(args))
     accuracy = {"model": {k: v for k, v in metrics.items() if k not in ("images", "seconds")}}
     report = {"model": {"spec": loaded.spec, "preset": loaded.preset.describe()},
               "reference": {"spec": reference.spec, "weights": args.reference_weights,
                             "num_classes": args.reference_num_classes} if reference else None,
               "evaluation": {"source": data.name, "images": metrics["images"], "skipped": len(data.skipped),
                              "skipped_files": list(data.skipped), "seconds": metrics["seconds"]},
-              "accuracy": accuracy, "table": accuracy_table(accuracy)}
+              "accuracy": accuracy, "table": accuracy_table(accuracy), "runtime": _runtime_record(args, data)}
     _finish(report, args.report)
     return 0
 
@@ -226,7 +244,8 @@ def run_sensitivity(args: argparse.Namespace) -> int:
         raise RenormError(f"--batch-size must be at least 1, got {args.batch_size}")
     _check_outputs(args, (args.model, args.weights), "--report", "--plot")
     loaded = _load(args)
-    images = sample(open_images(args.calib, loaded.preset, labeled=False), args.num_images, args.seed)
+    images = sample(open_images(args.calib, loaded.preset, labeled=False, workers=args.workers), args.num_images,
+                    args.seed)
     rows = sensitivity(loaded.model, images, args.sparsities, args.renorm, args.batch_size, progress=not args.quiet)
     report = {"model": {"spec": loaded.spec},
               "calibration": {"source": images.name, "images_used": len(images) - len(images.skipped),
@@ -261,9 +280,22 @@ def _check_outputs(args: argparse.Namespace, inputs: Sequence[str | None], *flag
                 raise RenormError(f"{flag} and {other} name the same file {path}; give two file names")
 
 
+def _runtime_record(args: argparse.Namespace, images: Any) -> dict[str, Any]:
+    """Where the command ran, for the report."""
+    return {"device": str(args.device), "threads": args.threads, "workers": images.workers,
+            "processes": distributed.world_size()}
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not args.quiet and distributed.is_main()
+
+
 def _finish(report: dict[str, Any], report_path: str | None) -> None:
+    """Print the summary and write the report (in the main process only, under torchrun)."""
     from renorm.report import write_json_atomic
 
+    if not distributed.is_main():
+        return
     summary = _summary(report)
     if summary:
         print(summary)
@@ -330,7 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         try:
             args = parser.parse_args(argv)
-            code = handlers[args.command](args)
+            with _runtime(args):
+                code = handlers[args.command](args)
         except RenormError as error:
             return _fail(one_line(error))
         except OSError as error:
@@ -343,12 +376,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
+@contextmanager
+def _runtime(args: argparse.Namespace) -> Iterator[None]:
+    """Threads, the device (args.device becomes a torch.device) and, under torchrun, the process group."""
+    import torch
+
+    from renorm.device import check_threads, default_threads, resolve_device
+
+    threads = check_threads(args.threads) if getattr(args, "threads", None) is not None else default_threads()
+    args.threads = threads
+    if getattr(args, "workers", None) is not None and args.workers < 0:
+        raise RenormError(f"--workers must be 0 or more, got {args.workers}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    args.device = resolve_device(getattr(args, "device", "cpu"))
+    if distributed.launched() and args.command not in ("compress", "evaluate"):
+        raise RenormError(f"renorm {args.command} runs in one process; run it without torchrun")
+    joined = distributed.setup(args.device)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+        if joined:
+            distributed.teardown()
+
+
 def _fail(message: str) -> int:
-    print(f"renorm: error: {message}", file=sys.stderr)
+    if distributed.is_main():
+        print(f"renorm: error: {message}", file=sys.stderr)
     return 2
 
 
 def _print_warnings(caught: list[warnings.WarningMessage]) -> None:
+    if not distributed.is_main():
+        return
     for message in dict.fromkeys(one_line(w.message) for w in caught):
         print(f"renorm: warning: {message}", file=sys.stderr)
 

@@ -18,6 +18,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from renorm import photos  # built-in natural photos (optional extra)
+from renorm.device import default_workers
 from renorm.errors import RenormError
 from renorm.images import PRESETS, ImageSource, Preset, make_preset  # noqa: F401 (also the public names here)
 
@@ -84,6 +85,7 @@ class SubsetImages(ImageSource):
     def __post_init__(self) -> None:
         self.classes = self.base.classes
         self.skipped = self.base.skipped
+        self.workers = self.base.workers
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -142,12 +144,22 @@ def builtin_names() -> list[str]:
 
 
 # --------------------------------------------------------------------------- opening specs
-def open_images(spec: str, preset: Preset, labeled: bool | None = None) -> ImageSource:
+def open_images(spec: str, preset: Preset, labeled: bool | None = None, workers: int | None = 0) -> ImageSource:
     """Open a data spec: a built-in name or a directory of images.
 
     labeled=True requires an ImageFolder layout (one subfolder per class); False reads
     every image under the directory; None picks labeled when the layout is ImageFolder.
+    workers: image-decoding processes (see ImageSource); None picks them for the
+    machine (renorm.device.default_workers: none for images already in memory).
     """
+    if workers is not None and workers < 0:
+        raise RenormError(f"--workers must be 0 or more, got {workers}")
+    source = _open(spec, preset, labeled)
+    source.workers = default_workers(isinstance(source, ArrayImages)) if workers is None else workers
+    return source
+
+
+def _open(spec: str, preset: Preset, labeled: bool | None) -> ImageSource:
     transform = preset.transform()
     name, _, split = spec.partition(":")
     if name in ("fashion-mnist", "fashion-mnist-mini") and split:
@@ -198,7 +210,11 @@ def _image_folder(root: Path, transform: Callable) -> FileImages:
 # --------------------------------------------------------------------------- batching
 def iter_batches(source: ImageSource, batch_size: int, progress: bool = False,
                  desc: str = "images") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (images, labels) batches; unreadable files are skipped and named in source.skipped."""
+    """Yield (images, labels) batches; unreadable files are skipped and named in source.skipped.
+
+    Every batch but the last holds batch_size readable images, in the source's order,
+    whether source.workers processes decode them or this one does.
+    """
     from tqdm.auto import tqdm
 
     if batch_size < 1:
@@ -206,13 +222,10 @@ def iter_batches(source: ImageSource, batch_size: int, progress: bool = False,
     images: list[torch.Tensor] = []
     labels: list[int] = []
     with tqdm(total=len(source), desc=desc, unit="img", disable=not progress, leave=False) as bar:
-        for index in range(len(source)):
-            try:
-                image, label = source.load(index)
-            except _UNREADABLE:
-                item = source.describe_item(index)
-                if item not in source.skipped:
-                    source.skipped.append(item)
+        for image, label, unreadable in _decoded(source, batch_size):
+            if unreadable is not None:
+                if unreadable not in source.skipped:
+                    source.skipped.append(unreadable)
                 bar.update(1)
                 continue
             images.append(image)
@@ -224,6 +237,67 @@ def iter_batches(source: ImageSource, batch_size: int, progress: bool = False,
         if images:
             bar.update(len(images))
             yield _stack(images, source), torch.tensor(labels)
+
+
+class _Decoded(torch.utils.data.Dataset):
+    """source[i] as (image, label, None), or (None, None, the item's name) when it cannot be read."""
+
+    def __init__(self, source: ImageSource):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any, str | None]:
+        try:
+            image, label = self.source.load(index)
+        except _UNREADABLE:
+            return None, None, self.source.describe_item(index)
+        return image, label, None
+
+
+def _as_list(items: list) -> list:
+    return items
+
+
+def _decoded(source: ImageSource, batch_size: int) -> Iterator[tuple[Any, Any, str | None]]:
+    """_Decoded(source) item by item, in order: here, or through a DataLoader with source.workers processes."""
+    dataset = _Decoded(source)
+    if source.workers <= 0 or len(source) == 0:
+        for index in range(len(source)):
+            yield dataset[index]
+        return
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_as_list,
+                                         num_workers=min(source.workers, len(source)))
+    for items in loader:
+        yield from items
+
+
+def chunk_shares(source: ImageSource, chunk: int, share: Callable[[int], slice], batch_size: int = 50,
+                 progress: bool = False, desc: str = "images") -> Iterator[torch.Tensor | None]:
+    """For each run of `chunk` consecutive images of `source` (by position): the readable images of the
+    part that share(run length) selects, as one tensor, or None when that part holds none.
+
+    Only those parts are decoded (by source.workers processes, as iter_batches does); unreadable
+    files are skipped and named in source.skipped.
+    """
+    from tqdm.auto import tqdm
+
+    runs = [range(start, min(start + chunk, len(source))) for start in range(0, len(source), chunk)]
+    parts = [run[share(len(run))] for run in runs]
+    mine = SubsetImages(name=source.name, base=source, indices=[index for part in parts for index in part])
+    items = _decoded(mine, batch_size)
+    with tqdm(total=len(mine), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for part in parts:
+            images = []
+            for _ in part:
+                image, _label, unreadable = next(items)
+                if unreadable is None:
+                    images.append(image)
+                elif unreadable not in source.skipped:
+                    source.skipped.append(unreadable)
+            bar.update(len(part))
+            yield _stack(images, source) if images else None
 
 
 def _stack(images: list[torch.Tensor], source: ImageSource) -> torch.Tensor:

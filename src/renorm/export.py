@@ -20,7 +20,7 @@ from renorm.errors import RenormError
 from renorm.files import check_output, write_atomic
 from renorm.images import Preset
 from renorm.quantize import activations
-from renorm.quantize.weights import ATTRIBUTE, MASK_ATTRIBUTE, QuantizedWeight
+from renorm.quantize.weights import ATTRIBUTE, MASK_ATTRIBUTE, QuantizedWeight, set_mask
 
 FORMAT = 1
 
@@ -136,7 +136,7 @@ def load_compressed(payload: dict[str, Any], path: Path, build: Callable[[dict[s
     for name, quantized in restored.items():
         setattr(modules[name], ATTRIBUTE, quantized)
     for name, mask in payload.get("masks", {}).items():
-        setattr(modules[name], MASK_ATTRIBUTE, unpack_mask(mask))
+        set_mask(modules[name], unpack_mask(mask))
     for name, entry in payload.get("activations", {}).items():
         activations.attach(modules[name], activations.ActivationQuantizer(
             entry["scale"], entry["signed"], entry["bits"], entry.get("relative_error", float("nan"))))

@@ -37,13 +37,22 @@ def eval_mode(*models: nn.Module | None) -> Iterator[None]:
 
 
 def forward(model: nn.Module, images: torch.Tensor) -> Any:
-    """model(images); an error raised in it becomes a one-line RenormError that says what to change."""
+    """model(images), the images first moved to the model's device; an error raised in it becomes a
+    one-line RenormError that says what to change."""
+    images = to_model(model, images)
     try:
         return model(images)
     except RenormError:
         raise
     except Exception as error:  # noqa: BLE001 - the model's own code may raise anything
         raise RenormError(explain_failure(model, images, error)) from None
+
+
+def to_model(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """`images` on the device of `model`'s first parameter (as they are for a model without parameters)."""
+    for tensor in model.parameters():
+        return images.to(tensor.device, non_blocking=True)
+    return images
 
 
 def explain_failure(model: nn.Module, images: torch.Tensor, error: BaseException) -> str:
@@ -56,9 +65,9 @@ def explain_failure(model: nn.Module, images: torch.Tensor, error: BaseException
     if len(dtypes) == 1 and images.dtype not in dtypes:
         return (f"the model's weights are {_name(*dtypes)} but the images are {_name(images.dtype)}; "
                 f"renorm runs models in float32: convert it first (model.float())")
-    if len(devices) == 1 and images.device not in devices:
-        return (f"the model is on {_name(*devices)} but the images are on {_name(images.device)}; "
-                f"move the model to the CPU first (model.cpu())")
+    if len(devices) > 1:
+        return (f"the model's tensors are on {' and '.join(sorted(_name(d) for d in devices))}; "
+                f"move the whole model to one device first (model.to(device))")
     if isinstance(error, RuntimeError) and _SHAPE_ERROR.search(first):
         return (f"images of shape {tuple(images.shape[1:])} do not fit the model ({first}); "
                 "set --resize/--crop to the model's input size")

@@ -87,11 +87,16 @@ def _three(what: str, values: Sequence[float]) -> tuple[float, float, float]:
 
 @dataclass
 class ImageSource:
-    """An indexable set of images; `load(i)` returns (image tensor, label or -1)."""
+    """An indexable set of images; `load(i)` returns (image tensor, label or -1).
+
+    workers: processes that decode the images while the model runs (0: this process
+    decodes them); the images and their order are the same whatever the number.
+    """
 
     name: str
     classes: tuple[str, ...] | None = None
     skipped: list[str] = field(default_factory=list)
+    workers: int = 0
 
     @property
     def labeled(self) -> bool:

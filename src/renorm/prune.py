@@ -21,10 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from renorm.device import model_device
 from renorm.errors import RenormError, one_line
 from renorm.forward import eval_mode, forward
 from renorm.layers import check_layer_names, first_and_last, is_depthwise, quantizable_layers
-from renorm.quantize.weights import MASK_ATTRIBUTE
+from renorm.quantize.weights import MASK_ATTRIBUTE, set_mask
 
 KINDS = ("unstructured", "filter")
 SCOPES = ("layer", "global")
@@ -92,7 +93,7 @@ def magnitude_prune(model: nn.Module, config: PruneConfig, example: torch.Tensor
         old = getattr(module, MASK_ATTRIBUTE, None)
         mask = mask & old if old is not None else mask
         module.weight.mul_(mask)
-        setattr(module, MASK_ATTRIBUTE, mask)
+        set_mask(module, mask)
     return model
 
 
@@ -229,6 +230,7 @@ def prune(model: nn.Module, config: PruneConfig, example: torch.Tensor | None = 
     """
     if example is None:
         raise RenormError("pruning needs one example image to trace the model")
+    example = example.to(model_device(model))
     params_before, macs_before = _count(model, example[:1])
     size_before = state_dict_bytes(model)
     if inplace:  # keep the original only to time it against the filter-pruned model
@@ -319,12 +321,16 @@ def _median_pass_ms(models: tuple[nn.Module, ...], example: torch.Tensor, repeat
     reach the user's terminal; a perf_counter loop does the job.
     """
     times: list[list[float]] = [[] for _ in models]
+    example = example.to(model_device(models[0]))
+    synchronize = torch.cuda.synchronize if example.is_cuda else (lambda: None)
     with eval_mode(*models):
         for model in models:
             forward(model, example)  # warm-up, and a clear error if the example does not fit
         for _ in range(repeats):
             for model, spent in zip(models, times):
+                synchronize()
                 start = time.perf_counter()
                 model(example)
+                synchronize()
                 spent.append(1000 * (time.perf_counter() - start))
     return [statistics.median(spent) for spent in times]

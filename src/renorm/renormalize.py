@@ -37,12 +37,13 @@ import copy
 import warnings
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
-from renorm.data import Batches, no_readable_images
+from renorm import distributed
+from renorm.data import Batches, chunk_shares, no_readable_images
 from renorm.errors import RenormError
 from renorm.forward import eval_mode, forward
 from renorm.prune import HISTORY_ATTRIBUTE, kept_channels, pruning_steps
@@ -61,10 +62,20 @@ class Moments:
     m2: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor) -> None:
-        """Merge one batch (channels on dim 1) into the running moments."""
+        """Merge one batch (channels on dim 1) into the running moments.
+
+        With several processes (renorm.distributed), each holds its share of the batch and
+        all of them merge the moments of the whole batch.
+        """
         n = x.numel() // x.shape[1]
-        mean, var = _batch_moments(x)
-        m2 = var * n
+        if n:
+            mean, var = _batch_moments(x)
+            m2 = var * n
+        else:  # this process's share of the chunk is empty
+            mean = m2 = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+        n, mean, m2 = distributed.reduce_moments(n, mean, m2)
+        if n == 0:
+            return
         if self.count == 0:
             self.count, self.mean, self.m2 = n, mean, m2
             return
@@ -206,17 +217,43 @@ def _progressive_pass(work: nn.Module, layers: list, stream: Batches, chunk: int
                     for name, module in batchnorm_layers(reference)]
     passes = count = 0
     try:
-        for images in rechunk(stream.images(), chunk):
-            passes, count = passes + 1, count + len(images)
+        for mine in _my_chunks(stream, chunk):
+            total = distributed.total(len(mine))
+            if total == 0:  # every file of this chunk was unreadable
+                continue
+            passes, count = passes + 1, count + total
             if reference is not None:
-                forward(reference, images)
-            forward(work, images)
+                forward(reference, mine)
+            forward(work, mine)
     finally:
         for handle in handles:
             handle.remove()
+    if stream.source is not None and distributed.active():  # every process names every skipped file
+        stream.source.skipped[:] = list(dict.fromkeys(distributed.gather_lists(stream.source.skipped)))
     if passes == 0:
         raise no_readable_images(stream, "to re-normalize on")
     return calls, passes, count
+
+
+def _my_chunks(stream: Batches, chunk: int) -> Iterator[torch.Tensor]:
+    """This process's share of each chunk (all of it with one process; possibly no image).
+
+    An ImageSource is cut by position (chunk k holds its images k*chunk .. (k+1)*chunk - 1
+    that can be read) and each process decodes only its share; other inputs are read
+    whole and cut into chunks of `chunk` images.
+    """
+    source = stream.source
+    if source is None:
+        for images in rechunk(stream.images(), chunk):
+            yield images[distributed.share(len(images))]
+        return
+    shape = None
+    for images in chunk_shares(source, chunk, distributed.share, stream.batch_size, stream.progress, stream.desc):
+        if images is None:  # an empty share: the collectives still need this process's forward pass
+            shape = shape if shape is not None else stream.first(1).shape[1:]
+            images = torch.empty((0, *shape))
+        shape = images.shape[1:]
+        yield images
 
 
 def rechunk(batches: Any, size: int):

@@ -128,7 +128,7 @@ def calibrate_activations(model: nn.Module, images: Any, config: ActivationQuant
             budget = max(1, config.max_samples * len(args[0]) // config.num_images)
             x = args[0].detach().reshape(-1)
             if x.numel() > budget:
-                x = x[torch.randint(x.numel(), (budget,), generator=generator)]
+                x = x[torch.randint(x.numel(), (budget,), generator=generator).to(x.device)]
             samples[name].append(x.to(torch.float32).clone())
             max_abs[name] = max(max_abs[name], float(args[0].detach().abs().max()))
             negative[name] = negative[name] or bool((args[0] < 0).any())

@@ -78,7 +78,7 @@ def _start_divisors(scheme: str, bits: int) -> list[float]:
 def level_magnitudes(scheme: str, bits: int) -> torch.Tensor:
     """Non-negative level magnitudes, ascending: 0, 1, 2, 4, ... (pow2) or 0, 1, 2, 3, ... (uniform)."""
     top = top_code(scheme, bits)
-    return code_values(torch.arange(top + 1, dtype=torch.int32), scheme).to(torch.float64)
+    return code_values(torch.arange(top + 1, dtype=torch.int32, device="cpu"), scheme).to(torch.float64)
 
 
 @torch.no_grad()
@@ -89,7 +89,7 @@ def fit_channels(weight: torch.Tensor, scheme: str, bits: int, max_iterations: i
     w = weight.detach().to(torch.float32)
     rows_per_chunk = max(1, chunk_elements // max(1, w.shape[1]))
     scale = torch.cat([_fit_rows(w[i:i + rows_per_chunk], scheme, bits, max_iterations, tolerance)
-                       for i in range(0, len(w), rows_per_chunk)]) if len(w) else torch.zeros(0)
+                       for i in range(0, len(w), rows_per_chunk)]) if len(w) else torch.zeros(0, device=w.device)
     return scale, nearest_codes(w / scale[:, None], scheme, bits)
 
 
@@ -100,18 +100,18 @@ def _fit_rows(w: torch.Tensor, scheme: str, bits: int, max_iterations: int, tole
     the decision boundaries (midpoints between levels) and its sums come from prefix sums,
     so a step costs O(levels * log K) per row instead of O(K).
     """
-    magnitudes = level_magnitudes(scheme, bits)
+    magnitudes = level_magnitudes(scheme, bits).to(w.device)
     boundaries = ((magnitudes[1:] + magnitudes[:-1]) / 2).to(torch.float32)
     sorted_abs = w.abs().sort(dim=1).values
     prefix = torch.nn.functional.pad(sorted_abs.double().cumsum(1), (1, 0))
     total_sq = (w.double() ** 2).sum(1)
-    max_abs = sorted_abs[:, -1] if w.shape[1] else torch.zeros(len(w))
+    max_abs = sorted_abs[:, -1] if w.shape[1] else torch.zeros(len(w), device=w.device)
     safe_max = torch.where(max_abs > 0, max_abs, torch.ones_like(max_abs)).double()
 
     def sums(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """<|W|, |Q|> and <Q, Q> for the nearest-level assignment at `scale`."""
         edges = torch.searchsorted(sorted_abs, (scale[:, None] * boundaries[None, :].double()).float())
-        edges = torch.cat([edges, torch.full((len(w), 1), w.shape[1])], dim=1)
+        edges = torch.cat([edges, torch.full((len(w), 1), w.shape[1], device=w.device)], dim=1)
         in_bin = prefix.gather(1, edges[:, 1:]) - prefix.gather(1, edges[:, :-1])
         counts = (edges[:, 1:] - edges[:, :-1]).double()
         return (in_bin * magnitudes[1:]).sum(1), (counts * magnitudes[1:] ** 2).sum(1)
@@ -136,17 +136,27 @@ def _fit_rows(w: torch.Tensor, scheme: str, bits: int, max_iterations: int, tole
     return best_scale.float()
 
 
-@dataclass
-class QuantizedWeight:
-    """Integer codes and per-channel scales of one layer's weight, kept for export."""
+class QuantizedWeight(nn.Module):
+    """Integer codes and per-channel scales of one layer's weight, kept for export.
+
+    A module whose codes and scale are buffers, set on its layer as a submodule: so
+    `.to(device)` and `.to(dtype)` move them with the weight. The buffers are not
+    persistent: the model's state_dict keys stay those of the float model (renorm's
+    files store the codes themselves, packed; see renorm.export).
+    """
 
     codes: torch.Tensor  # int8, same shape as the weight
     scale: torch.Tensor  # float32, one per output channel
-    scheme: str
-    bits: int
-    axis: int  # the output-channel axis of the weight
-    relative_error: float = float("nan")  # ||W - Wq||^2 / ||W||^2 at quantization time
-    reconstruction: dict | None = None  # objective before / after, when renorm.reconstruct re-chose the codes
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, scheme: str, bits: int, axis: int,
+                 relative_error: float = float("nan"), reconstruction: dict | None = None):
+        super().__init__()
+        self.register_buffer("codes", codes, persistent=False)
+        scale = scale if isinstance(scale, torch.Tensor) else torch.tensor(scale, dtype=torch.float32, device=codes.device)
+        self.register_buffer("scale", scale, persistent=False)
+        self.scheme, self.bits, self.axis = scheme, bits, axis  # axis: the output-channel axis of the weight
+        self.relative_error = relative_error  # ||W - Wq||^2 / ||W||^2 at quantization time
+        self.reconstruction = reconstruction  # objective before / after, when renorm.reconstruct re-chose the codes
 
     def dequantize(self) -> torch.Tensor:
         shape = [1] * self.codes.dim()
@@ -156,6 +166,9 @@ class QuantizedWeight:
     @property
     def levels_used(self) -> int:
         return int(torch.unique(self.codes).numel())
+
+    def extra_repr(self) -> str:
+        return f"{self.scheme}, bits={self.bits}, shape={tuple(self.codes.shape)}"
 
 
 def output_axis(module: nn.Module) -> int:
@@ -205,6 +218,15 @@ class WeightQuantConfig:
 
 ATTRIBUTE = "_renorm_quantized"  # where a module keeps its QuantizedWeight
 MASK_ATTRIBUTE = "_renorm_mask"  # where pruning keeps a module's weight mask
+
+
+def set_mask(module: nn.Module, mask: torch.Tensor) -> None:
+    """Keep `mask` (True where a weight survives pruning) on `module`, as a buffer that follows .to(device)."""
+    if MASK_ATTRIBUTE in module._buffers:
+        module._buffers[MASK_ATTRIBUTE] = mask
+    else:
+        module.__dict__.pop(MASK_ATTRIBUTE, None)
+        module.register_buffer(MASK_ATTRIBUTE, mask, persistent=False)
 
 
 @torch.no_grad()

@@ -172,7 +172,7 @@ def _problem(layer: Layer, moments: Moments, quantized: QuantizedWeight, config:
         cross = hessian
     diagonal = torch.diagonal(hessian, dim1=1, dim2=2)
     ridge = damping * diagonal.mean(1).clamp_min(1e-12)
-    eye = torch.eye(hessian.shape[-1], dtype=hessian.dtype)
+    eye = torch.eye(hessian.shape[-1], dtype=hessian.dtype, device=hessian.device)
     # an input that never varies (a dead channel, or zero padding only) leaves its column free: as GPTQ
     # does, give it unit-scale curvature so its weight is simply rounded to nearest
     dead = diagonal <= 1e-10 * diagonal.amax(1, keepdim=True).clamp_min(1e-30)

@@ -126,7 +126,7 @@ def _rows(x: torch.Tensor, site: _Site, count: int, generator: torch.Generator) 
     if site.kind == "linear":
         rows = x.reshape(-1, x.shape[-1])
         if len(rows) > count:
-            rows = rows[torch.randperm(len(rows), generator=generator)[:count]]
+            rows = rows[torch.randperm(len(rows), generator=generator, device=generator.device)[:count]]
         return rows[None]
     if x.dim() != 4:
         raise RenormError("reconstruction supports 2-D convolutions and linear layers; use --reconstruct-method "
@@ -142,16 +142,16 @@ def _rows(x: torch.Tensor, site: _Site, count: int, generator: torch.Generator) 
     out_w = (width - dw * (kw - 1) - 1) // sw + 1
     per_image = max(1, min(out_h * out_w, -(-count // n)))
     if per_image == out_h * out_w:
-        position = torch.arange(out_h * out_w).expand(n, -1)
+        position = torch.arange(out_h * out_w, device=generator.device).expand(n, -1)
     else:
-        position = torch.rand(n, out_h * out_w, generator=generator).argsort(1)[:, :per_image]
+        position = torch.rand(n, out_h * out_w, generator=generator, device=generator.device).argsort(1)[:, :per_image]
     top = (position // out_w) * sh
     left = (position % out_w) * sw
-    offsets_h = (torch.arange(kh) * dh).repeat_interleave(kw)
-    offsets_w = (torch.arange(kw) * dw).repeat(kh)
+    offsets_h = (torch.arange(kh, device=generator.device) * dh).repeat_interleave(kw)
+    offsets_w = (torch.arange(kw, device=generator.device) * dw).repeat(kh)
     rows_index = top[..., None] + offsets_h  # (n, P, kh*kw)
     cols_index = left[..., None] + offsets_w
-    image_index = torch.arange(n)[:, None, None]
+    image_index = torch.arange(n, device=generator.device)[:, None, None]
     patches = x.permute(0, 2, 3, 1)[image_index, rows_index, cols_index]  # (n, P, kh*kw, C)
     patches = patches.reshape(n * per_image, kh * kw, site.groups, channels // site.groups)
     # weight (out, C/groups, kh, kw) flattens channel-major: K index = c * kh*kw + k

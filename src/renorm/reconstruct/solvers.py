@@ -75,7 +75,7 @@ def _cholesky(matrix: torch.Tensor) -> torch.Tensor:
     definite (float32 round-off in a centered, nearly singular H), add 10x more of its mean diagonal until
     it is (GPTQ's dampening, raised only where needed)."""
     factor, info = torch.linalg.cholesky_ex(matrix)
-    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype)
+    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
     jitter = 1e-6
     while bool((info > 0).any()):
         if jitter > 1e3:
