@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import agree, copy_of, fashion_mnist, markdown_table, merged, top1, write_result
+from benchmarks.common import COMMIT, agree, copy_of, fashion_mnist, markdown_table, merged, top1, write_result
 from renorm.data import Batches, open_images
 from renorm.evaluate import predict
 from renorm.models import load_model
@@ -58,6 +58,30 @@ FMNIST_METHODS = {"fmnist-mobilenet_v2": {"W2 uniform": ("rtn", "gptq", "gptq, d
 FMNIST_DEFAULT = ("rtn", "gptq", "gptq, FP32 inputs")
 
 
+def _chosen(methods, args) -> tuple[str, ...]:
+    """The methods to measure now (--methods); the others keep their rows from reconstruct.json."""
+    return tuple(m for m in methods if args.methods is None or m in args.methods)
+
+
+def _label(entry: dict[str, Any], latest: str) -> str:
+    """The method, and the commit it was measured at when that is not the table's latest."""
+    commit = entry.get("commit", "ee00610")
+    return entry["method"] + (f" (at {commit})" if commit != latest and entry["method"] else "")
+
+
+def _keep_unmeasured(name: str, rows: list[dict], args) -> list[dict]:
+    """With --methods: the new rows, plus the earlier rows of the methods not measured now, in table order."""
+    if args.methods is None:
+        return rows
+    earlier = merged("reconstruct" + ("_quick" if args.quick else ""), {}).get(name, [])
+    fresh = {(row["weights"], row["method"]): row for row in rows}
+    kept = [fresh.pop((row["weights"], row["method"]), None) or {"commit": "ee00610", **row} for row in earlier]
+    combined = kept + list(fresh.values())
+    weights = list(dict.fromkeys(row["weights"] for row in combined))
+    order = ["", *METHODS]
+    return sorted(combined, key=lambda row: (weights.index(row["weights"]), order.index(row["method"])))
+
+
 def reconstructed(fp32, quantized, calib, method: str, images: int) -> tuple[torch.nn.Module, dict]:
     """The quantized model after `method` (or as it is, for round-to-nearest), with time and memory."""
     if METHODS[method] is None:
@@ -83,11 +107,12 @@ def lite0_rows(args) -> list[dict]:
     for label, bits, scheme, layer_bits, methods in (LITE0_SETTINGS[:1] if args.quick else LITE0_SETTINGS):
         quantized = quantize_weights(copy_of(fp32), WeightQuantConfig(bits=bits, scheme=scheme,
                                                                       layer_bits=parse_layer_bits(layer_bits)))
-        for method in (methods if not args.quick else ("rtn", "gptq")):
+        for method in _chosen(methods if not args.quick else ("rtn", "gptq"), args):
             model, cost = reconstructed(fp32, quantized, calib, method, args.images)
             result = {mode: agree(renormalize(model, calib, mode, reference=fp32), test, reference)
                       for mode in ("none", "shift")}
-            data.append({"weights": label, "method": method, **result, **cost, "images": args.images})
+            data.append({"weights": label, "method": method, **result, **cost, "images": args.images,
+                         "commit": COMMIT})
             print(data[-1], flush=True)
     return data
 
@@ -101,7 +126,7 @@ def fmnist_rows(name: str, args, data_cache: dict) -> list[dict]:
     for label, bits, scheme, abits in (FMNIST_SETTINGS[:1] if args.quick else FMNIST_SETTINGS):
         quantized = quantize_weights(copy_of(fp32), WeightQuantConfig(bits=bits, scheme=scheme))
         methods = FMNIST_METHODS.get(name, {}).get(label, FMNIST_DEFAULT)
-        for method in (methods if not args.quick else ("rtn", "gptq")):
+        for method in _chosen(methods if not args.quick else ("rtn", "gptq"), args):
             model, cost = reconstructed(fp32, quantized, calib, method, args.images)
             result = {}
             for mode in ("none", "exact"):
@@ -110,7 +135,7 @@ def fmnist_rows(name: str, args, data_cache: dict) -> list[dict]:
                     final = calibrate_activations(final, calib, ActivationQuantConfig(bits=abits))
                 result[mode] = top1(final, test_x, test_y)
             data.append({"weights": label, "method": method, **result, **cost, "test": names["test"],
-                         "images": args.images})
+                         "images": args.images, "commit": COMMIT})
             print(data[-1], flush=True)
     return data
 
@@ -181,15 +206,18 @@ def _cost(entry: dict[str, Any]) -> list[str]:
 def render(everything: dict[str, list[dict]]) -> str:
     tables = []
     if "efficientnet-lite0" in everything:
-        rows = [[e["weights"], e["method"], _cell(e["none"]), _cell(e["shift"]), *_cost(e)]
-                for e in everything["efficientnet-lite0"]]
+        entries = everything["efficientnet-lite0"]
+        latest = max((e.get("commit", "ee00610") for e in entries), key=[e.get("commit", "ee00610") for e in entries].count)
+        rows = [[e["weights"], _label(e, latest), _cell(e["none"]), _cell(e["shift"]), *_cost(e)] for e in entries]
         tables.append("### EfficientNet-Lite0: top-1 agreement % / top-5 agreement % / KL against FP32\n\n"
                       + markdown_table(["weights", "method", "no renorm", "shift", "reconstruct s", "peak RSS MiB"],
                                        rows))
     for name in ("fmnist-mobilenet_v2", "fmnist-resnet18"):
         if name in everything:
             entries = everything[name]
-            rows = [[e["weights"], e["method"], f"{e['none']:.2f}", f"{e['exact']:.2f}" if "exact" in e else "",
+            commits = [e.get("commit", "ee00610") for e in entries if e["method"]]
+            latest = max(commits, key=commits.count)
+            rows = [[e["weights"], _label(e, latest), f"{e['none']:.2f}", f"{e['exact']:.2f}" if "exact" in e else "",
                      *(_cost(e) if "seconds" in e else ["", ""])] for e in entries]
             tables.append(f"### {name}: top-1 % on {entries[0]['test']}\n\n"
                           + markdown_table(["weights", "method", "no renorm", "exact", "reconstruct s",
@@ -211,6 +239,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=["efficientnet-lite0", "fmnist-mobilenet_v2", "fmnist-resnet18",
                                                         "resnet18-224", "tune"])
     parser.add_argument("--images", type=int, help="images the reconstruction uses (default 256; --quick 64)")
+    parser.add_argument("--methods", nargs="+", choices=tuple(METHODS),
+                        help="measure only these methods; the model's other rows stay as reconstruct.json has them, "
+                             "marked with the commit they were measured at")
     args = parser.parse_args()
     args.images = args.images or (64 if args.quick else 256)
     cache = {}
@@ -223,7 +254,7 @@ def main() -> None:
             rows = tune_rows(args)
         else:
             rows = fmnist_rows(name, args, cache)
-        write(args, {name: rows})
+        write(args, {name: _keep_unmeasured(name, rows, args)})
     if not args.models:  # re-render the tables from the JSON
         write(args, {})
 
