@@ -434,6 +434,7 @@ def session(path: str | Path, threads: int | None = None, optimized_path: str | 
     """An onnxruntime CPU InferenceSession of `path` (optionally writing the graph the runtime optimized)."""
     ort = require("onnxruntime")
     options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: its warnings are not the user's problem
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
