@@ -29,15 +29,17 @@ of renorm takes an ONNX file as it takes a PyTorch model.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
 import os
+import sys
 import tempfile
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -153,20 +155,42 @@ def _fold_batchnorms(model: nn.Module, weights: dict[str, tuple[torch.Tensor, to
     return len(pairs)
 
 
+@contextlib.contextmanager
+def _silenced_output() -> Iterator[None]:
+    """Send what C++ code writes to the process's stdout and stderr to /dev/null for the block."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, null):
+            os.close(fd)
+
+
 def _to_float_graph(model: nn.Module, example: torch.Tensor) -> Any:
     """torch.onnx.export of the prepared float model, as an onnx ModelProto (batch size left free)."""
     onnx = require("onnx")
     buffer = io.BytesIO()
-    with warnings.catch_warnings():
+    # The TorchScript-based exporter: it writes parameters under their module names, which is how the
+    # quantized layers are found in the graph. Its C++ log (a whole IR dump on failure, printed whatever
+    # the verbosity) goes to /dev/null: the one-line error says what failed.
+    with warnings.catch_warnings(), _silenced_output():
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=OPSET, input_names=["input"],
                               output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-                              do_constant_folding=True)
+                              do_constant_folding=True, verbose=False)
         except RenormError:
             raise
         except Exception as error:  # noqa: BLE001 - the exporter raises many kinds
-            raise RenormError(f"the model cannot be exported to ONNX: {one_line(error)[:300]}") from None
+            message = one_line(error).split(" Torch IR graph")[0]
+            raise RenormError(f"the model cannot be exported to ONNX: {message[:300]}") from None
     return onnx.load_from_string(buffer.getvalue())
 
 
@@ -283,9 +307,29 @@ def _insert_activation_pairs(editor: _GraphEditor, tensors: dict, layers: dict[s
                    for slot, name in enumerate(node.input) if name == tensor and reads(node, slot)]
         if not readers:
             continue
+        if len(readers) == len(editor.consumers(tensor)):  # nothing reads the float tensor any more
+            _drop_saturated_clip(editor, tensor, quantizer)
         dequantized = editor.qdq(tensor, quantizer, min(i for i, _, _ in readers))
         for _, node, slot in readers:
             node.input[slot] = dequantized
+
+
+def _drop_saturated_clip(editor: _GraphEditor, tensor: str, quantizer: activations.ActivationQuantizer) -> None:
+    """Clip(0, hi) -> Q becomes Relu -> Q when hi already rounds to the top level (exact).
+
+    renorm's fitted scale after a ReLU6 is often a hair above 6/255; ONNX Runtime then keeps
+    the Clip, and the conv before it cannot run as an integer kernel. When round(hi / scale)
+    is the top level, Q saturates wherever Clip would have cut, so the Clip is redundant.
+    """
+    node = editor.producer(tensor)
+    if node is None or node.op_type != "Clip" or quantizer.signed or len(node.input) < 3:
+        return
+    bounds = [editor.array(name) if name in editor.initializers else None for name in node.input[1:3]]
+    if any(bound is None or bound.size != 1 for bound in bounds) or float(bounds[0]) != 0.0:
+        return
+    if round(float(bounds[1]) / quantizer.scale) >= quantizer.limits[1]:
+        node.op_type = "Relu"
+        del node.input[1:]
 
 
 def _stretch_levels(integers: np.ndarray, scale: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -407,6 +451,8 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, *, ca
     """
     check_output(path, "--onnx", protected)
     onnx = require("onnx")
+    if isinstance(model, OnnxModule):
+        raise RenormError(f"{model.path} is already an ONNX file; export the PyTorch model it came from")
     if isinstance(model, torch.jit.ScriptModule):
         raise RenormError("a TorchScript model cannot be exported to ONNX by renorm (its quantizers and "
                           "BatchNorms cannot be edited); load the eager model instead")

@@ -1,0 +1,189 @@
+"""Deployment: parity of renorm's INT8 ONNX graph with its PyTorch model, and its speed in ONNX Runtime.
+
+    python -m benchmarks.deploy [--parts parity speed] [--quick]
+
+parity: both Fashion-MNIST reference models, W8A8 uniform, W4A8 pow2 and W4A8 uniform
+(renorm compress defaults otherwise: 1000 calibration images, 400 for activations, exact
+re-normalization), exported with `renorm.export_onnx` (its residual Add inputs fitted on
+256 of the same calibration images); top-1 of the PyTorch model and of the ONNX file run
+by onnxruntime on fashion-mnist:test, their top-1 agreement, and what ONNX Runtime's CPU
+provider made of the graph (integer kernels, float convs left).
+
+speed: torchvision resnet18, mobilenet_v2, resnet50 (random weights, seeded) and
+EfficientNet-Lite0 (its real weights, where `renorm[zoo]` is installed) at 224 px.
+ONNX Runtime FP32 (the float model written by `export_onnx` with no quantizer: BatchNorm
+folded, float weights), renorm W8A8 uniform exported by `export_onnx`, and ONNX Runtime's own
+`quantize_static` (QDQ, per-channel int8 weights, uint8 activations, after its
+`quant_pre_process`) as the anchor, all calibrated on the same 32 synthetic images.
+Latency: median of timed runs after 3 warm-up runs, batch 1 (30 runs) and 32 (8 runs),
+`intra_op_num_threads` = RENORM_BENCH_THREADS (default 2); file sizes in MB (10^6 bytes).
+The three sessions of a model are timed interleaved, run by run, so that the load of a
+shared machine moves all three alike; the ratios are the numbers to read.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+
+from benchmarks.common import THREADS, command_line, fashion_mnist, markdown_table, write_result
+from renorm.api import Config, compress
+from renorm.evaluate import accuracy, agreement, predict
+from renorm.export.onnx_qdq import OnnxModule, export_onnx, integer_operators, session
+from renorm.models import load_model
+
+PARTS = ("parity", "speed")
+SETTINGS = {"W8A8 uniform": (8, "uniform"), "W4A8 pow2": (4, "pow2"), "W4A8 uniform": (4, "uniform")}
+SPEED_MODELS = ("resnet18", "mobilenet_v2", "resnet50", "efficientnet-lite0")
+FLOAT_OPS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul")
+
+
+def kernel_summary(path: Path) -> tuple[str, int]:
+    operators = integer_operators(path)
+    integer = ", ".join(f"{op} {n}" for op, n in operators.items() if op.startswith("Q") and op != "QuantizeLinear")
+    return integer, sum(operators.get(op, 0) for op in FLOAT_OPS)
+
+
+def parity(quick: bool, folder: Path) -> tuple[list, dict]:
+    calib, test_x, test_y, names = fashion_mnist(num_calib=200 if quick else 1000, num_test=1000 if quick else None)
+    rows, data = [], {}
+    for spec in ("fmnist-resnet18", "fmnist-mobilenet_v2"):
+        loaded = load_model(spec)
+        for setting, (wbits, scheme) in SETTINGS.items():
+            config = Config(wbits=wbits, scheme=scheme, abits=8, num_images=len(calib), act_images=min(400, len(calib)))
+            model = compress(loaded, calib, config).model
+            path = folder / f"{spec}-{wbits}-{scheme}.onnx"
+            summary = export_onnx(model, path, calib[:1], calib=calib, calib_images=256, spec=spec,
+                                  preset=loaded.preset, num_classes=10)
+            torch_logits, _ = predict(model, test_x, 500)
+            onnx_logits, _ = predict(OnnxModule(path, threads=THREADS), test_x, 500)
+            agree = agreement(onnx_logits, torch_logits)["agreement_top1"]
+            integer, floats = kernel_summary(path)
+            row = [spec, setting, accuracy(torch_logits, test_y)["top1"], accuracy(onnx_logits, test_y)["top1"], agree,
+                   integer, floats, f"{summary['bytes'] / 1e6:.2f}"]
+            rows.append(row)
+            data[f"{spec} {setting}"] = dict(zip(["model", "setting", "pytorch_top1", "onnx_top1", "agreement_top1",
+                                                  "integer_kernels", "float_convs", "onnx_mb"], row))
+            print(markdown_table(PARITY_HEADER, [row]).splitlines()[-1], flush=True)
+    data["images"] = {"test": names["test"], "test_images": len(test_y), "calib": names["calib"],
+                      "calib_images": len(calib)}
+    return rows, data
+
+
+PARITY_HEADER = ["model", "setting", "PyTorch top-1 %", "ONNX top-1 %", "agreement top-1 %", "integer kernels (ORT)",
+                 "float convs", "ONNX MB"]
+
+
+def speed_model(name: str) -> torch.nn.Module | None:
+    """The FP32 model; None when it is not installed."""
+    torch.manual_seed(0)
+    if name.startswith("efficientnet"):
+        try:
+            return load_model(name).model
+        except Exception:  # noqa: BLE001 - renorm[zoo] missing
+            return None
+    return torchvision.models.get_model(name, weights=None).eval()
+
+
+def _ort_quantize_static(fp32_path: Path, out: Path, images: np.ndarray, folder: Path) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"input": images[i:i + 1]} for i in range(len(images))])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    prepared = folder / f"{fp32_path.stem}-pre.onnx"
+    quant_pre_process(str(fp32_path), str(prepared))
+    quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+
+
+def _latency(sessions: dict[str, object], batch: int, runs: int) -> dict[str, float]:
+    """Median ms per run of each session on the same batch, interleaved run by run."""
+    x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for name, runner in sessions.items():
+        for _ in range(3):
+            runner.run(None, {runner.get_inputs()[0].name: x})
+    for _ in range(runs):
+        for name, runner in sessions.items():
+            start = time.perf_counter()
+            runner.run(None, {runner.get_inputs()[0].name: x})
+            times[name].append((time.perf_counter() - start) * 1000)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def speed(quick: bool, folder: Path, models: list[str]) -> tuple[list, dict]:
+    images = torch.randn(32, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    rows, data = [], {}
+    for name in models:
+        fp32 = speed_model(name)
+        if fp32 is None:
+            print(f"{name}: not installed, skipped", flush=True)
+            continue
+        paths = {k: folder / f"{name}-{k}.onnx" for k in ("fp32", "renorm", "ort")}
+        export_onnx(fp32, paths["fp32"], images[:1])  # no quantizer: the float graph, BatchNorm folded
+        start = time.perf_counter()
+        model = compress(fp32, images, Config(wbits=8, scheme="uniform", abits=8, num_images=32, act_images=32,
+                                              renorm="none", batch_size=8)).model
+        export_onnx(model, paths["renorm"], images[:1], calib=images, calib_images=32, batch_size=8)
+        renorm_seconds = time.perf_counter() - start
+        _ort_quantize_static(paths["fp32"], paths["ort"], images.numpy(), folder)
+        sessions = {k: session(p, threads=THREADS) for k, p in paths.items()}
+        integer, floats = kernel_summary(paths["renorm"])
+        b1 = _latency(sessions, 1, 10 if quick else 30)
+        b32 = _latency(sessions, 32, 3 if quick else 8)
+        sizes = {k: p.stat().st_size / 1e6 for k, p in paths.items()}
+        row = [name, b1["fp32"], b1["renorm"], b1["fp32"] / b1["renorm"], b1["ort"], b1["fp32"] / b1["ort"],
+               b32["fp32"], b32["renorm"], b32["fp32"] / b32["renorm"], b32["ort"], b32["fp32"] / b32["ort"],
+               sizes["fp32"], sizes["renorm"], sizes["ort"], integer, floats]
+        rows.append(row)
+        data[name] = dict(zip(["model", "b1_fp32_ms", "b1_renorm_ms", "b1_renorm_speedup", "b1_ort_ms",
+                               "b1_ort_speedup", "b32_fp32_ms", "b32_renorm_ms", "b32_renorm_speedup", "b32_ort_ms",
+                               "b32_ort_speedup", "fp32_mb", "renorm_mb", "ort_mb", "integer_kernels",
+                               "float_convs"], row))
+        data[name]["renorm_quantize_export_seconds"] = round(renorm_seconds, 1)
+        print(markdown_table(SPEED_HEADER, [row]).splitlines()[-1], flush=True)
+    return rows, data
+
+
+SPEED_HEADER = ["model", "b1 FP32 ms", "b1 renorm INT8 ms", "x", "b1 ORT INT8 ms", "x", "b32 FP32 ms",
+                "b32 renorm INT8 ms", "x", "b32 ORT INT8 ms", "x", "FP32 MB", "renorm MB", "ORT MB",
+                "integer kernels (renorm)", "float convs"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--models", nargs="+", choices=SPEED_MODELS, default=list(SPEED_MODELS))
+    parser.add_argument("--quick", action="store_true", help="1000 test images, 200 calibration images, fewer runs")
+    args = parser.parse_args()
+    body, data = [], {}
+    with tempfile.TemporaryDirectory() as folder:
+        if "parity" in args.parts:
+            rows, data["parity"] = parity(args.quick, Path(folder))
+            body += ["### Parity: ONNX Runtime against renorm's PyTorch model",
+                     markdown_table(PARITY_HEADER, rows)]
+        if "speed" in args.parts:
+            load = os.getloadavg()
+            rows, data["speed"] = speed(args.quick, Path(folder), args.models)
+            after = os.getloadavg()
+            body += [f"### Speed and size at 224 px, {THREADS} threads (load average before {load[0]:.2f}, "
+                     f"after {after[0]:.2f}; x = FP32 / INT8 latency)", markdown_table(SPEED_HEADER, rows)]
+            data["speed"]["load_average"] = {"before": load, "after": after}
+    write_result("deploy", "Deployment: renorm INT8 ONNX in ONNX Runtime", command_line(), "\n\n".join(body), data)
+
+
+if __name__ == "__main__":
+    main()
