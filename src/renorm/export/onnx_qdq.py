@@ -434,14 +434,14 @@ def _quantize_graph(proto: Any, model: nn.Module, weights: dict, inputs: dict, c
 
 
 # --------------------------------------------------------------------------- the public functions
-def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, *, calib: Any = None,
+def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor | None = None, *, calib: Any = None,
                 calib_images: int = 256, batch_size: int = 50, spec: str | None = None,
                 preset: Preset | None = None, num_classes: int | None = None,
                 protected: list[str | Path | None] = ()) -> dict[str, Any]:
     """Write `model` (as renorm.compress or the stages leave it) to `path` as an INT8 QDQ ONNX graph.
 
     example: one or more input images (only their shape matters; the batch size stays
-    free in the file). calib: unlabeled images (anything renorm.Batches takes) on which
+    free in the file); by default the first calibration image. calib: unlabeled images (anything renorm.Batches takes) on which
     the first `calib_images` fit a scale for each input of a residual Add that renorm's
     model leaves in float, so the convs before it run as integer kernels; without
     calib those inputs stay float. spec / preset / num_classes go into the file's
@@ -456,6 +456,12 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, *, ca
     if isinstance(model, torch.jit.ScriptModule):
         raise RenormError("a TorchScript model cannot be exported to ONNX by renorm (its quantizers and "
                           "BatchNorms cannot be edited); load the eager model instead")
+    if example is None:
+        if calib is None:
+            raise RenormError("export_onnx needs example= (a batch of input images) or calib= (images)")
+        from renorm.data import Batches
+
+        example = Batches(calib, 1).first(1)
     prepared = copy.deepcopy(model).eval()
     weights = _int8_weights(prepared)
     inputs = _input_quantizers(prepared)
