@@ -23,6 +23,7 @@ shared machine moves all three alike; the ratios are the numbers to read.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import tempfile
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 import torchvision
 
-from benchmarks.common import THREADS, command_line, fashion_mnist, markdown_table, write_result
+from benchmarks.common import RESULTS, THREADS, command_line, fashion_mnist, markdown_table, provenance, write_result
 from renorm.api import Config, compress
 from renorm.evaluate import accuracy, agreement, predict
 from renorm.export.onnx_qdq import OnnxModule, export_onnx, integer_operators, session
@@ -52,8 +53,9 @@ def kernel_summary(path: Path) -> tuple[str, int]:
 
 
 def parity(quick: bool, folder: Path) -> tuple[list, dict]:
+    """Table rows, and the images used."""
     calib, test_x, test_y, names = fashion_mnist(num_calib=200 if quick else 1000, num_test=1000 if quick else None)
-    rows, data = [], {}
+    rows = []
     for spec in ("fmnist-resnet18", "fmnist-mobilenet_v2"):
         loaded = load_model(spec)
         for setting, (wbits, scheme) in SETTINGS.items():
@@ -69,12 +71,8 @@ def parity(quick: bool, folder: Path) -> tuple[list, dict]:
             row = [spec, setting, accuracy(torch_logits, test_y)["top1"], accuracy(onnx_logits, test_y)["top1"], agree,
                    integer, floats, f"{summary['bytes'] / 1e6:.2f}"]
             rows.append(row)
-            data[f"{spec} {setting}"] = dict(zip(["model", "setting", "pytorch_top1", "onnx_top1", "agreement_top1",
-                                                  "integer_kernels", "float_convs", "onnx_mb"], row))
             print(markdown_table(PARITY_HEADER, [row]).splitlines()[-1], flush=True)
-    data["images"] = {"test": names["test"], "test_images": len(test_y), "calib": names["calib"],
-                      "calib_images": len(calib)}
-    return rows, data
+    return rows, {"test": names["test"], "test_images": len(test_y), "calib": names["calib"], "calib_images": len(calib)}
 
 
 PARITY_HEADER = ["model", "setting", "PyTorch top-1 %", "ONNX top-1 %", "agreement top-1 %", "integer kernels (ORT)",
@@ -163,26 +161,44 @@ SPEED_HEADER = ["model", "b1 FP32 ms", "b1 renorm INT8 ms", "x", "b1 ORT INT8 ms
                 "integer kernels (renorm)", "float convs"]
 
 
+def render(data: dict) -> str:
+    """The markdown of every part in `data` (each part keeps the command and provenance it ran with)."""
+    body = []
+    if "rows" in data.get("parity", {}):
+        part = data["parity"]
+        body += [f"### Parity: ONNX Runtime against renorm's PyTorch model\n\n`{part['command']}` ({part['provenance']}); "
+                 f"test: {part['images']['test_images']} images of {part['images']['test']}, calibration: "
+                 f"{part['images']['calib_images']} images of {part['images']['calib']}",
+                 markdown_table(PARITY_HEADER, part["rows"])]
+    if "rows" in data.get("speed", {}):
+        part = data["speed"]
+        before, after = part["load_average"]["before"][0], part["load_average"]["after"][0]
+        body += [f"### Speed and size at 224 px, {part['threads']} threads\n\n`{part['command']}` ({part['provenance']}); "
+                 f"1-minute load average {before:.2f} before, {after:.2f} after (2 cores, shared); x = FP32 latency / "
+                 "INT8 latency, measured interleaved in the same run; MB = 10^6 bytes",
+                 markdown_table(SPEED_HEADER, part["rows"])]
+    return "\n\n".join(body)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--models", nargs="+", choices=SPEED_MODELS, default=list(SPEED_MODELS))
     parser.add_argument("--quick", action="store_true", help="1000 test images, 200 calibration images, fewer runs")
     args = parser.parse_args()
-    body, data = [], {}
+    path = RESULTS / "deploy.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    stamp = {"command": command_line(), "provenance": provenance()}
     with tempfile.TemporaryDirectory() as folder:
         if "parity" in args.parts:
-            rows, data["parity"] = parity(args.quick, Path(folder))
-            body += ["### Parity: ONNX Runtime against renorm's PyTorch model",
-                     markdown_table(PARITY_HEADER, rows)]
+            rows, images = parity(args.quick, Path(folder))
+            data["parity"] = {"rows": rows, "images": images, **stamp}
         if "speed" in args.parts:
             load = os.getloadavg()
-            rows, data["speed"] = speed(args.quick, Path(folder), args.models)
-            after = os.getloadavg()
-            body += [f"### Speed and size at 224 px, {THREADS} threads (load average before {load[0]:.2f}, "
-                     f"after {after[0]:.2f}; x = FP32 / INT8 latency)", markdown_table(SPEED_HEADER, rows)]
-            data["speed"]["load_average"] = {"before": load, "after": after}
-    write_result("deploy", "Deployment: renorm INT8 ONNX in ONNX Runtime", command_line(), "\n\n".join(body), data)
+            rows, extra = speed(args.quick, Path(folder), args.models)
+            data["speed"] = {"rows": rows, "threads": THREADS, "details": extra,
+                             "load_average": {"before": load, "after": os.getloadavg()}, **stamp}
+    write_result("deploy", "Deployment: renorm INT8 ONNX in ONNX Runtime", command_line(), render(data), data)
 
 
 if __name__ == "__main__":

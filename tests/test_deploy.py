@@ -140,16 +140,16 @@ def test_mobilenet_v2_w4a8_agrees_with_its_onnx_file(tmp_path, fashion):
     export_onnx(model, path, calib.load(0)[0][None], calib=calib)
     assert _parity(model, path, test) >= 99.5
     operators = integer_operators(path)
-    # 52 convs: all but the last one (it feeds a float average pool) run as integer kernels
-    assert operators["QLinearConv"] == 51 and operators["QLinearAdd"] == 10 and operators["QGemm"] == 1
-    assert sum(operators.get(op, 0) for op in FLOAT_OPS) == 1
+    assert operators["QLinearConv"] == 52 and operators["QLinearAdd"] == 10 and operators["QGemm"] == 1
+    assert sum(operators.get(op, 0) for op in FLOAT_OPS) == 0
 
 
 def test_resnet18_runs_every_conv_as_an_integer_kernel(resnet_w4a8):
     _, _, folder, summaries = resnet_w4a8
-    assert summaries["no-calib"]["float_add_inputs"] == 11 and summaries["calib"]["calibrated_for_export"] == 11
+    # 11 inputs of residual Adds (8 conv2, 3 downsample) and the global pool's input
+    assert summaries["no-calib"]["float_add_inputs"] == 12 and summaries["calib"]["calibrated_for_export"] == 12
     fused = integer_operators(folder / "calib.onnx")
-    assert fused["QLinearConv"] == 20 and fused["QLinearAdd"] == 7 and fused["QGemm"] == 1
+    assert fused["QLinearConv"] == 20 and fused["QLinearAdd"] == 8 and fused["QGemm"] == 1
     assert sum(fused.get(op, 0) for op in FLOAT_OPS) == 0
     # without calibration images the 11 convs before a residual Add keep float outputs: no integer kernel
     assert integer_operators(folder / "no-calib.onnx")["QLinearConv"] == 9
@@ -170,7 +170,7 @@ def test_cli_export_and_evaluate_an_onnx_file(tmp_path, capsys, resnet_w4a8):
     path = tmp_path / "m.onnx"
     assert cli.main(["export", str(out), "--onnx", str(path), "--calib", "fashion-mnist-mini:train", "--num-images",
                      "64", "--quiet"]) == 0
-    assert "ONNX Runtime runs QGemm 1, QLinearAdd 7, QLinearConv 20; float conv/gemm 0" in capsys.readouterr().out
+    assert "ONNX Runtime runs QGemm 1, QLinearAdd 8, QLinearConv 20; float conv/gemm 0" in capsys.readouterr().out
     assert _digest(out) == digest  # the input is never modified
     assert cli.main(["evaluate", str(path), "--data", "fashion-mnist-mini:test", "--reference", str(out),
                      "--quiet", "--report", str(tmp_path / "r.json")]) == 0

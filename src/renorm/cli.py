@@ -249,7 +249,7 @@ def run_export(args: argparse.Namespace) -> int:
     if summary.get("float_add_inputs"):
         import warnings
 
-        warnings.warn(f"{summary['float_add_inputs']} residual Add inputs stay float without --calib: the convs "
+        warnings.warn(f"{summary['float_add_inputs']} residual Add or pool inputs stay float without --calib: the convs "
                       "before them run in float; add --calib IMAGES", stacklevel=2)
     report = {"model": {"spec": loaded.spec, "preset": loaded.preset.describe()}, "onnx": summary}
     if calib is not None:

@@ -15,13 +15,14 @@ QuantizeLinear/DequantizeLinear (QDQ) pairs:
     once, with renorm's calibrated scale, as uint8: zero point 0 for non-negative
     tensors, 128 for signed ones (renorm's -127..127 levels, plus -128); Adds and
     MaxPools that read the tensor read the quantized one too, as in an INT8 graph;
-  - each input of a residual Add that renorm leaves in float (the output of the conv
-    before it) gets a scale fitted as renorm fits its own, on calibration images run
-    through the float graph (`calib`); a ReLU output that only a MaxPool reads gets the
-    pool's output quantizer (exact: max commutes with rounding).
+  - each input of a residual Add or of the global average pool that renorm leaves in
+    float (the output of the conv before it) gets a scale fitted as renorm fits its own,
+    on calibration images run through the float graph (`calib`); a ReLU output that only
+    a MaxPool reads gets the pool's output quantizer (exact: max commutes with rounding);
+    a ReLU6 Clip whose quantizer saturates at 6 anyway becomes a Relu (exact).
 ONNX Runtime's CPU provider then turns DQ -> Conv -> Q into QLinearConv and DQ -> Add
 -> Q into QLinearAdd; `integer_operators` counts what the runtime made of a file. The
-residual inputs (and the Add inputs read quantized) are quantization points that
+Add and pool inputs (and the Add inputs read quantized) are quantization points that
 renorm's PyTorch model does not simulate: parity is measured, not exact.
 
 `OnnxModule` runs a file through onnxruntime as an nn.Module, so every evaluation path
@@ -258,6 +259,9 @@ class _GraphEditor:
 
 
 _WEIGHTED = ("Conv", "Gemm", "MatMul", "ConvTranspose")
+# Ops whose float inputs the export quantizes too (scales fitted on calibration images): a residual
+# Add and the global pool before the classifier, so the convs that feed them run as integer kernels.
+_INTEGER_READERS = ("Add", "GlobalAveragePool")
 
 
 def _find_layer_node(editor: _GraphEditor, name: str, expected: np.ndarray) -> Any | None:
@@ -274,7 +278,7 @@ def _find_layer_node(editor: _GraphEditor, name: str, expected: np.ndarray) -> A
 
 
 def _activation_points(editor: _GraphEditor, layers: dict[str, Any], inputs: dict) -> tuple[dict, list[str]]:
-    """(tensor -> quantizer) for every quantized tensor, and the Add inputs that still need a scale.
+    """(tensor -> quantizer) for every quantized tensor, and the Add / pool inputs that still need a scale.
 
     A tensor read by several quantized layers is quantized once, with the first one's
     quantizer (renorm fits the same scale on the same tensor). A ReLU output that only a
@@ -289,7 +293,7 @@ def _activation_points(editor: _GraphEditor, layers: dict[str, Any], inputs: dic
         source = editor.producer(node.input[0]) if quantizer is not None and not quantizer.signed else None
         if source is not None and source.op_type == "Relu" and len(editor.consumers(node.input[0])) == 1:
             tensors.setdefault(node.input[0], quantizer)
-    missing = [t for node in editor.graph.node if node.op_type == "Add" for t in node.input
+    missing = [t for node in editor.graph.node if node.op_type in _INTEGER_READERS for t in node.input
                if t not in tensors and t not in editor.initializers] if inputs else []
     return tensors, list(dict.fromkeys(missing))
 
@@ -300,7 +304,7 @@ def _insert_activation_pairs(editor: _GraphEditor, tensors: dict, layers: dict[s
     quantized_layer_nodes = {id(node) for name, node in layers.items() if name in inputs}
 
     def reads(node: Any, slot: int) -> bool:
-        return node.op_type in ("Add", "MaxPool") or (slot == 0 and id(node) in quantized_layer_nodes)
+        return node.op_type in (*_INTEGER_READERS, "MaxPool") or (slot == 0 and id(node) in quantized_layer_nodes)
 
     for tensor, quantizer in tensors.items():
         readers = [(i, node, slot) for i, node in editor.consumers(tensor)
@@ -441,12 +445,13 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor | None
     """Write `model` (as renorm.compress or the stages leave it) to `path` as an INT8 QDQ ONNX graph.
 
     example: one or more input images (only their shape matters; the batch size stays
-    free in the file); by default the first calibration image. calib: unlabeled images (anything renorm.Batches takes) on which
-    the first `calib_images` fit a scale for each input of a residual Add that renorm's
-    model leaves in float, so the convs before it run as integer kernels; without
-    calib those inputs stay float. spec / preset / num_classes go into the file's
-    metadata so that `renorm evaluate FILE.onnx` preprocesses images as the model
-    expects. protected: input files never to overwrite. The model is not modified.
+    free in the file); by default the first calibration image. calib: unlabeled images
+    (anything renorm.Batches takes) on which the first `calib_images` fit a scale for each
+    input of a residual Add or global pool that renorm's model leaves in float, so the
+    convs before them run as integer kernels; without calib those inputs stay float.
+    spec / preset / num_classes go into the file's metadata so that `renorm evaluate
+    FILE.onnx` preprocesses images as the model expects. protected: input files never to
+    overwrite. The model is not modified.
     Returns a summary: path, bytes, folded BatchNorms, int8 weights, quantized tensors.
     """
     check_output(path, "--onnx", protected)
