@@ -130,30 +130,39 @@ def speed(quick: bool, folder: Path, models: list[str]) -> tuple[list, dict]:
         if fp32 is None:
             print(f"{name}: not installed, skipped", flush=True)
             continue
-        paths = {k: folder / f"{name}-{k}.onnx" for k in ("fp32", "renorm", "ort")}
-        export_onnx(fp32, paths["fp32"], images[:1])  # no quantizer: the float graph, BatchNorm folded
-        start = time.perf_counter()
-        model = compress(fp32, images, Config(wbits=8, scheme="uniform", abits=8, num_images=32, act_images=32,
-                                              renorm="none", batch_size=8)).model
-        export_onnx(model, paths["renorm"], images[:1], calib=images, calib_images=32, batch_size=8)
-        renorm_seconds = time.perf_counter() - start
-        _ort_quantize_static(paths["fp32"], paths["ort"], images.numpy(), folder)
-        sessions = {k: session(p, threads=THREADS) for k, p in paths.items()}
-        integer, floats = kernel_summary(paths["renorm"])
-        b1 = _latency(sessions, 1, 10 if quick else 30)
-        b32 = _latency(sessions, 32, 3 if quick else 8)
-        sizes = {k: p.stat().st_size / 1e6 for k, p in paths.items()}
-        row = [name, b1["fp32"], b1["renorm"], b1["fp32"] / b1["renorm"], b1["ort"], b1["fp32"] / b1["ort"],
-               b32["fp32"], b32["renorm"], b32["fp32"] / b32["renorm"], b32["ort"], b32["fp32"] / b32["ort"],
-               sizes["fp32"], sizes["renorm"], sizes["ort"], integer, floats]
+        try:
+            row, details = _speed_row(name, fp32, images, folder, quick)
+        except Exception as error:  # noqa: BLE001 - one model's failure should not lose the others' rows
+            print(f"{name}: failed: {error}", flush=True)
+            continue
         rows.append(row)
-        data[name] = dict(zip(["model", "b1_fp32_ms", "b1_renorm_ms", "b1_renorm_speedup", "b1_ort_ms",
-                               "b1_ort_speedup", "b32_fp32_ms", "b32_renorm_ms", "b32_renorm_speedup", "b32_ort_ms",
-                               "b32_ort_speedup", "fp32_mb", "renorm_mb", "ort_mb", "integer_kernels",
-                               "float_convs"], row))
-        data[name]["renorm_quantize_export_seconds"] = round(renorm_seconds, 1)
+        data[name] = details
         print(markdown_table(SPEED_HEADER, [row]).splitlines()[-1], flush=True)
     return rows, data
+
+
+def _speed_row(name: str, fp32: torch.nn.Module, images: torch.Tensor, folder: Path, quick: bool) -> tuple[list, dict]:
+    paths = {k: folder / f"{name}-{k}.onnx" for k in ("fp32", "renorm", "ort")}
+    export_onnx(fp32, paths["fp32"], images[:1])  # no quantizer: the float graph, BatchNorm folded
+    start = time.perf_counter()
+    model = compress(fp32, images, Config(wbits=8, scheme="uniform", abits=8, num_images=32, act_images=32,
+                                          renorm="none", batch_size=8)).model
+    export_onnx(model, paths["renorm"], images[:1], calib=images, calib_images=32, batch_size=8)
+    renorm_seconds = time.perf_counter() - start
+    _ort_quantize_static(paths["fp32"], paths["ort"], images.numpy(), folder)
+    sessions = {k: session(p, threads=THREADS) for k, p in paths.items()}
+    integer, floats = kernel_summary(paths["renorm"])
+    b1 = _latency(sessions, 1, 10 if quick else 30)
+    b32 = _latency(sessions, 32, 3 if quick else 8)
+    sizes = {k: p.stat().st_size / 1e6 for k, p in paths.items()}
+    row = [name, b1["fp32"], b1["renorm"], b1["fp32"] / b1["renorm"], b1["ort"], b1["fp32"] / b1["ort"],
+           b32["fp32"], b32["renorm"], b32["fp32"] / b32["renorm"], b32["ort"], b32["fp32"] / b32["ort"],
+           sizes["fp32"], sizes["renorm"], sizes["ort"], integer, floats]
+    details = dict(zip(["model", "b1_fp32_ms", "b1_renorm_ms", "b1_renorm_speedup", "b1_ort_ms",
+                        "b1_ort_speedup", "b32_fp32_ms", "b32_renorm_ms", "b32_renorm_speedup", "b32_ort_ms",
+                        "b32_ort_speedup", "fp32_mb", "renorm_mb", "ort_mb", "integer_kernels", "float_convs"], row))
+    details["renorm_quantize_export_seconds"] = round(renorm_seconds, 1)
+    return row, details
 
 
 SPEED_HEADER = ["model", "b1 FP32 ms", "b1 renorm INT8 ms", "x", "b1 ORT INT8 ms", "x", "b32 FP32 ms",

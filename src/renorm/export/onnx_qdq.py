@@ -95,34 +95,80 @@ def _input_quantizers(model: nn.Module) -> dict[str, activations.ActivationQuant
     return found
 
 
-def _conv_batchnorm_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """(conv or linear, BatchNorm) names where the BatchNorm is the only user of the layer's output."""
-    try:
-        traced = torch.fx.symbolic_trace(model)
-    except Exception as error:  # noqa: BLE001 - tracing a user's model may fail in many ways
-        warnings.warn(f"BatchNorm is not folded into the convs (the model does not trace with torch.fx: "
-                      f"{one_line(error)[:120]}); the ONNX graph keeps BatchNormalization nodes", stacklevel=3)
-        return []
+_FOLDABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class _LayerTracer(torch.fx.Tracer):
+    """torch.fx's tracer, keeping every conv/linear (subclasses too, e.g. same-padding convs) as one call."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return isinstance(module, _FOLDABLE) or super().is_leaf_module(module, qualified_name)
+
+
+def _conv_batchnorm_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
+    """(conv or linear, BatchNorm) names where the BatchNorm is the only user of the layer's output.
+
+    From a torch.fx trace; a model that does not trace is run once on `example` with hooks
+    instead, pairing a BatchNorm with the layer whose output tensor it receives, unless
+    another module receives that tensor too.
+    """
     modules = dict(model.named_modules())
-    calls = Counter(node.target for node in traced.graph.nodes if node.op == "call_module")
+    try:
+        graph = _LayerTracer().trace(model)
+    except Exception:  # noqa: BLE001 - tracing a user's model may fail in many ways
+        return _pairs_by_hooks(model, example)
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     pairs = []
-    for node in traced.graph.nodes:
+    for node in graph.nodes:
         if node.op != "call_module" or not isinstance(modules.get(node.target), nn.modules.batchnorm._BatchNorm):
             continue
         source = node.args[0] if node.args else None
         if not isinstance(source, torch.fx.Node) or source.op != "call_module" or len(source.users) != 1:
             continue
-        layer = modules.get(source.target)
-        foldable = isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
-        if foldable and calls[source.target] == 1 and calls[node.target] == 1:
+        if isinstance(modules.get(source.target), _FOLDABLE) and calls[source.target] == 1 and calls[node.target] == 1:
             pairs.append((source.target, node.target))
     return pairs
 
 
 @torch.no_grad()
-def _fold_batchnorms(model: nn.Module, weights: dict[str, tuple[torch.Tensor, torch.Tensor, int]]) -> int:
+def _pairs_by_hooks(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
+    outputs: dict[int, str] = {}  # id of a layer's output tensor -> layer name
+    readers: Counter = Counter()  # layer name -> modules that received its output
+    calls: Counter = Counter()
+    pairs = []
+
+    def record(name: str, module: nn.Module):
+        def before(_module: nn.Module, args: tuple) -> None:
+            calls[name] += 1
+            source = outputs.get(id(args[0])) if args and isinstance(args[0], torch.Tensor) else None
+            if source is not None:
+                readers[source] += 1
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    pairs.append((source, name))
+
+        def after(_module: nn.Module, _args: tuple, output: object) -> None:
+            if isinstance(module, _FOLDABLE) and isinstance(output, torch.Tensor):
+                outputs[id(output)] = name
+        return before, after
+
+    handles = []
+    for name, module in model.named_modules():
+        if name and (not list(module.children()) or isinstance(module, _FOLDABLE)):  # a conv may hold its padding
+            before, after = record(name, module)
+            handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+    try:
+        model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [(layer, bn) for layer, bn in pairs if readers[layer] == 1 and calls[layer] == 1 and calls[bn] == 1]
+
+
+@torch.no_grad()
+def _fold_batchnorms(model: nn.Module, weights: dict[str, tuple[torch.Tensor, torch.Tensor, int]],
+                     example: torch.Tensor) -> int:
     """Fold each BatchNorm into the layer before it (in place); return how many were folded."""
-    pairs = _conv_batchnorm_pairs(model)
+    pairs = _conv_batchnorm_pairs(model, example)
     modules = dict(model.named_modules())
     for layer_name, bn_name in pairs:
         layer, bn = modules[layer_name], modules[bn_name]
@@ -471,7 +517,7 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor | None
     weights = _int8_weights(prepared)
     inputs = _input_quantizers(prepared)
     activations.detach(prepared)
-    folded = _fold_batchnorms(prepared, weights)
+    folded = _fold_batchnorms(prepared, weights, example[:1].to(torch.float32))
     proto = _to_float_graph(prepared, example[:1].to(torch.float32))
     summary = _quantize_graph(proto, prepared, weights, inputs, calib, calib_images, batch_size)
     metadata = {"renorm_version": __version__, "spec": spec, "num_classes": num_classes,
