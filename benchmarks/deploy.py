@@ -37,7 +37,8 @@ import torchvision
 from benchmarks.common import RESULTS, THREADS, command_line, fashion_mnist, markdown_table, provenance, write_result
 from renorm.api import Config, compress
 from renorm.evaluate import accuracy, agreement, predict
-from renorm.export.onnx_qdq import OnnxModule, export_onnx, integer_operators, session
+from renorm.export.onnx_qdq import export_onnx
+from renorm.export.onnx_runtime import OnnxModule, integer_operators, session
 from renorm.models import load_model
 
 PARTS = ("parity", "speed")
@@ -195,7 +196,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=SPEED_MODELS, default=list(SPEED_MODELS))
     parser.add_argument("--quick", action="store_true", help="1000 test images, 200 calibration images, fewer runs")
     args = parser.parse_args()
-    path = RESULTS / "deploy.json"
+    name = "deploy" + ("_quick" if args.quick else "")
+    path = RESULTS / f"{name}.json"
     data = json.loads(path.read_text()) if path.exists() else {}
     stamp = {"command": command_line(), "provenance": provenance()}
     with tempfile.TemporaryDirectory() as folder:
@@ -207,7 +209,7 @@ def main() -> None:
             rows, extra = speed(args.quick, Path(folder), args.models)
             data["speed"] = {"rows": rows, "threads": THREADS, "details": extra,
                              "load_average": {"before": load, "after": os.getloadavg()}, **stamp}
-    write_result("deploy", "Deployment: renorm INT8 ONNX in ONNX Runtime", command_line(), render(data), data)
+    write_result(name, "Deployment: renorm INT8 ONNX in ONNX Runtime", command_line(), render(data), data)
 
 
 if __name__ == "__main__":

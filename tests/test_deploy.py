@@ -24,7 +24,8 @@ from renorm.renormalize import renormalize
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from renorm.export.onnx_qdq import OnnxModule, export_onnx, integer_operators  # noqa: E402
+from renorm.export.onnx_qdq import export_onnx  # noqa: E402
+from renorm.export.onnx_runtime import OnnxModule, integer_operators  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 FLOAT_OPS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul")
@@ -76,6 +77,43 @@ def test_the_graph_holds_integer_weights_not_float_ones(tmp_path, images):
     dequantize = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
     assert {n.input[0] for n in dequantize} >= {f"{name}.weight_quantized" for name in ("conv1", "conv2", "fc1", "fc2")}
     assert not [n for n in proto.graph.node if n.op_type == "BatchNormalization"]
+
+
+def test_with_quantized_inputs_each_channel_is_stretched_by_a_whole_factor(tmp_path, images):
+    """README: levels times the largest whole number that keeps them within int8; the int32 bias steps shrink."""
+    model = _small_w8a8(images, bits=4, scheme="uniform")
+    path = tmp_path / "w4a8.onnx"
+    export_onnx(model, path, images[:1])
+    initializers = _initializers(path)
+    for name in ("conv2", "fc1"):
+        integers = initializers[f"{name}.weight_quantized"].astype(np.int32).reshape(len(initializers[f"{name}.weight_scale"]), -1)
+        quantized = getattr(getattr(model, name), ATTRIBUTE)
+        levels = np.abs(code_values(quantized.codes, quantized.scheme).numpy().reshape(len(integers), -1)).astype(np.int32)
+        peak = levels.max(1)
+        factor = np.where(peak > 0, 127 // np.maximum(peak, 1), 1)
+        assert (factor > 1).any()  # 4-bit levels (|level| <= 7) are stretched 18x
+        assert np.array_equal(np.abs(integers), levels * factor[:, None])
+        assert np.abs(integers).max() <= 127
+        assert initializers[f"{name}.bias_quantized"].dtype == np.int32
+
+
+class Branchy(SmallNet):
+    """Does not trace with torch.fx (control flow on a tensor's value): BatchNorm is paired by hooks."""
+
+    def forward(self, x):
+        if float(x.mean()) > 1e9:
+            x = x * 2
+        return super().forward(x)
+
+
+def test_batchnorm_is_folded_in_a_model_that_does_not_trace(tmp_path, images):
+    torch.manual_seed(0)
+    model = perturbed(Branchy())
+    summary = export_onnx(model, tmp_path / "b.onnx", images[:1])
+    assert summary["folded_batchnorms"] == 3
+    with torch.no_grad():
+        expected = model(images)
+    assert torch.allclose(OnnxModule(tmp_path / "b.onnx")(images), expected, atol=1e-4)
 
 
 def test_export_leaves_the_model_alone(tmp_path, images):
@@ -177,7 +215,11 @@ def test_cli_export_and_evaluate_an_onnx_file(tmp_path, capsys, resnet_w4a8):
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["evaluation"]["images"] == 3000 and report["model"]["preset"]["name"] == "fashion-mnist"
     assert report["accuracy"]["model"]["agreement_top1"] >= 99.5 and report["accuracy"]["model"]["top1"] > 85
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.pt", "r.json"]
+    assert cli.main(["export", str(out), "--onnx", str(tmp_path / "float-adds.onnx"), "--quiet"]) == 0
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert warning == ["renorm: warning: 12 residual Add or pool inputs stay float without --calib: the convs before "
+                       "them run in float; add --calib IMAGES"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["float-adds.onnx", "m.onnx", "m.pt", "r.json"]
 
 
 def test_cli_compress_writes_the_onnx_file_too(tmp_path, capsys):

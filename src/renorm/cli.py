@@ -206,7 +206,7 @@ def run_compress(args: argparse.Namespace) -> int:
 
 def _check_onnx_options(wbits: int, scheme: str, abits: int) -> None:
     """--onnx: the extra is installed and the bits fit int8 QDQ (before any work)."""
-    from renorm.export.onnx_qdq import require
+    from renorm.export.onnx_runtime import require
 
     require("onnx")
     require("onnxruntime")
@@ -219,7 +219,8 @@ def _check_onnx_options(wbits: int, scheme: str, abits: int) -> None:
 
 def _export_onnx(model: Any, loaded: Any, args: argparse.Namespace, calib: Any) -> dict[str, Any]:
     from renorm.data import Batches
-    from renorm.export.onnx_qdq import export_onnx, integer_operators
+    from renorm.export.onnx_qdq import export_onnx
+    from renorm.export.onnx_runtime import integer_operators
 
     import torch
 

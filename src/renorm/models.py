@@ -180,7 +180,7 @@ def _from_file(path: Path, weights: str | None, num_classes: int | None, trust_p
 
 def _onnx(path: Path) -> LoadedModel:
     """An ONNX file run by onnxruntime (evaluation only), preprocessed as its renorm metadata says."""
-    from renorm.export.onnx_qdq import OnnxModule, read_metadata
+    from renorm.export.onnx_runtime import OnnxModule, read_metadata
 
     metadata = read_metadata(path)
     found = metadata.get("preset")

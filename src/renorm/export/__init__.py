@@ -1,9 +1,9 @@
-"""Export: renorm's own packed file (`packed`) and a deployable ONNX graph (`onnx`).
+"""Export: renorm's own packed file and a deployable ONNX graph, side by side.
 
 `packed` writes and reads renorm files (codes packed, the architecture by spec);
-`onnx` writes an INT8 QDQ graph that ONNX Runtime runs with integer kernels, and
-runs such a file as an nn.Module for evaluation. Both write through
-renorm.files.write_atomic.
+`onnx_qdq` writes an INT8 QDQ graph that ONNX Runtime runs with integer kernels, with
+BatchNorm folded by `fold`; `onnx_runtime` runs such a file as an nn.Module for
+evaluation. Both formats are written through renorm.files.write_atomic.
 """
 from __future__ import annotations
 

@@ -21,12 +21,11 @@ QuantizeLinear/DequantizeLinear (QDQ) pairs:
     a MaxPool reads gets the pool's output quantizer (exact: max commutes with rounding);
     a ReLU6 Clip whose quantizer saturates at 6 anyway becomes a Relu (exact).
 ONNX Runtime's CPU provider then turns DQ -> Conv -> Q into QLinearConv and DQ -> Add
--> Q into QLinearAdd; `integer_operators` counts what the runtime made of a file. The
+-> Q into QLinearAdd; `onnx_runtime.integer_operators` counts what the runtime made of a file. The
 Add and pool inputs (and the Add inputs read quantized) are quantization points that
 renorm's PyTorch model does not simulate: parity is measured, not exact.
 
-`OnnxModule` runs a file through onnxruntime as an nn.Module, so every evaluation path
-of renorm takes an ONNX file as it takes a PyTorch model.
+`renorm.export.onnx_runtime` runs such a file (and counts the runtime's kernels).
 """
 from __future__ import annotations
 
@@ -38,7 +37,6 @@ import os
 import sys
 import tempfile
 import warnings
-from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -51,22 +49,11 @@ from renorm.errors import RenormError, one_line
 from renorm.files import check_output, write_atomic
 from renorm.images import Preset
 from renorm.quantize import activations
+from renorm.export.fold import fold_batchnorms
+from renorm.export.onnx_runtime import METADATA_KEY, OnnxModule, require, session
 from renorm.quantize.weights import ATTRIBUTE, code_values
 
 OPSET = 17
-METADATA_KEY = "renorm"
-INTEGER_OPERATORS = ("QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger", "QGemm",
-                     "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QLinearAdd", "QLinearGlobalAveragePool",
-                     "QLinearAveragePool", "QLinearConcat", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu")
-DEPLOY_HINT = "pip install 'renorm[deploy]' (onnx and onnxruntime)"
-
-
-def require(module: str) -> Any:
-    """Import onnx or onnxruntime, or raise a RenormError that names the extra to install."""
-    try:
-        return __import__(module)
-    except ImportError:
-        raise RenormError(f"ONNX export and evaluation need {module}: {DEPLOY_HINT}") from None
 
 
 # --------------------------------------------------------------------------- preparing the model
@@ -93,113 +80,6 @@ def _input_quantizers(model: nn.Module) -> dict[str, activations.ActivationQuant
             raise RenormError(f"the input of {name!r} is quantized to {quantizer.bits} bits; ONNX export takes "
                               "8-bit activations (--abits 8) or float ones (--abits 32)")
     return found
-
-
-_FOLDABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-class _LayerTracer(torch.fx.Tracer):
-    """torch.fx's tracer, keeping every conv/linear (subclasses too, e.g. same-padding convs) as one call."""
-
-    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return isinstance(module, _FOLDABLE) or super().is_leaf_module(module, qualified_name)
-
-
-def _conv_batchnorm_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
-    """(conv or linear, BatchNorm) names where the BatchNorm is the only user of the layer's output.
-
-    From a torch.fx trace; a model that does not trace is run once on `example` with hooks
-    instead, pairing a BatchNorm with the layer whose output tensor it receives, unless
-    another module receives that tensor too.
-    """
-    modules = dict(model.named_modules())
-    try:
-        graph = _LayerTracer().trace(model)
-    except Exception:  # noqa: BLE001 - tracing a user's model may fail in many ways
-        return _pairs_by_hooks(model, example)
-    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
-    pairs = []
-    for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.modules.batchnorm._BatchNorm):
-            continue
-        source = node.args[0] if node.args else None
-        if not isinstance(source, torch.fx.Node) or source.op != "call_module" or len(source.users) != 1:
-            continue
-        if isinstance(modules.get(source.target), _FOLDABLE) and calls[source.target] == 1 and calls[node.target] == 1:
-            pairs.append((source.target, node.target))
-    return pairs
-
-
-@torch.no_grad()
-def _pairs_by_hooks(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
-    outputs: dict[int, str] = {}  # id of a layer's output tensor -> layer name
-    readers: Counter = Counter()  # layer name -> modules that received its output
-    calls: Counter = Counter()
-    pairs = []
-
-    def record(name: str, module: nn.Module):
-        def before(_module: nn.Module, args: tuple) -> None:
-            calls[name] += 1
-            source = outputs.get(id(args[0])) if args and isinstance(args[0], torch.Tensor) else None
-            if source is not None:
-                readers[source] += 1
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    pairs.append((source, name))
-
-        def after(_module: nn.Module, _args: tuple, output: object) -> None:
-            if isinstance(module, _FOLDABLE) and isinstance(output, torch.Tensor):
-                outputs[id(output)] = name
-        return before, after
-
-    handles = []
-    for name, module in model.named_modules():
-        if name and (not list(module.children()) or isinstance(module, _FOLDABLE)):  # a conv may hold its padding
-            before, after = record(name, module)
-            handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
-    try:
-        model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [(layer, bn) for layer, bn in pairs if readers[layer] == 1 and calls[layer] == 1 and calls[bn] == 1]
-
-
-@torch.no_grad()
-def _fold_batchnorms(model: nn.Module, weights: dict[str, tuple[torch.Tensor, torch.Tensor, int]],
-                     example: torch.Tensor) -> int:
-    """Fold each BatchNorm into the layer before it (in place); return how many were folded."""
-    pairs = _conv_batchnorm_pairs(model, example)
-    modules = dict(model.named_modules())
-    for layer_name, bn_name in pairs:
-        layer, bn = modules[layer_name], modules[bn_name]
-        factor = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
-        shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
-        bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
-        new_bias = (bias - bn.running_mean) * factor + shift
-        shape = [-1] + [1] * (layer.weight.dim() - 1)
-        # A channel with zero variance was constant on every calibration image (a dead input): its output
-        # is the BatchNorm's shift. Folding 1/sqrt(eps) into its weights would make its scale huge.
-        constant = bn.running_var <= 1e-12
-        factor, new_bias = torch.where(constant, 0.0, factor), torch.where(constant, shift, new_bias)
-        if layer_name in weights:
-            values, scale, axis = weights[layer_name]
-            sign = torch.where(factor < 0, -1, 1).to(torch.int8)
-            values = values * sign.reshape(shape)
-            scale = scale * factor.abs()
-            zero = scale == 0  # a channel BatchNorm multiplies by 0: weight 0, any positive scale
-            values[zero] = 0
-            scale[zero] = 1.0
-            weights[layer_name] = (values, scale, axis)
-            layer.weight.copy_(values.to(torch.float32) * scale.reshape(shape))
-        else:
-            layer.weight.mul_(factor.reshape(shape))
-        if layer.bias is None:
-            layer.bias = nn.Parameter(new_bias.clone())
-        else:
-            layer.bias.copy_(new_bias)
-        parent_name, _, child = bn_name.rpartition(".")
-        setattr(modules[parent_name] if parent_name else model, child, nn.Identity())
-    return len(pairs)
 
 
 @contextlib.contextmanager
@@ -517,7 +397,7 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor | None
     weights = _int8_weights(prepared)
     inputs = _input_quantizers(prepared)
     activations.detach(prepared)
-    folded = _fold_batchnorms(prepared, weights, example[:1].to(torch.float32))
+    folded = fold_batchnorms(prepared, weights, example[:1].to(torch.float32))
     proto = _to_float_graph(prepared, example[:1].to(torch.float32))
     summary = _quantize_graph(proto, prepared, weights, inputs, calib, calib_images, batch_size)
     metadata = {"renorm_version": __version__, "spec": spec, "num_classes": num_classes,
@@ -531,63 +411,3 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor | None
     data = proto.SerializeToString()
     size = write_atomic(path, lambda handle: handle.write(data))
     return {"path": str(path), "bytes": size, "folded_batchnorms": folded, **summary}
-
-
-def session(path: str | Path, threads: int | None = None, optimized_path: str | Path | None = None) -> Any:
-    """An onnxruntime CPU InferenceSession of `path` (optionally writing the graph the runtime optimized)."""
-    ort = require("onnxruntime")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: its warnings are not the user's problem
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    if optimized_path:
-        options.optimized_model_filepath = str(optimized_path)
-    try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as error:  # noqa: BLE001 - onnxruntime raises its own kinds
-        raise RenormError(f"onnxruntime cannot load {path}: {one_line(error)[:300]}") from None
-
-
-def integer_operators(path: str | Path) -> dict[str, int]:
-    """Operator counts of the graph ONNX Runtime's CPU provider runs for `path` (after its fusions)."""
-    onnx = require("onnx")
-    with tempfile.TemporaryDirectory() as folder:
-        optimized = Path(folder) / "optimized.onnx"
-        session(path, threads=1, optimized_path=optimized)
-        counts = Counter(node.op_type for node in onnx.load(str(optimized)).graph.node)
-    return dict(sorted(counts.items()))
-
-
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The renorm metadata of an ONNX file (spec, preset, num_classes), or {} for a foreign file."""
-    onnx = require("onnx")
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as error:  # noqa: BLE001
-        raise RenormError(f"cannot read ONNX file {path}: {one_line(error)[:200]}") from None
-    for prop in proto.metadata_props:
-        if prop.key == METADATA_KEY:
-            return json.loads(prop.value)
-    return {}
-
-
-class OnnxModule(nn.Module):
-    """An ONNX file run by onnxruntime on the CPU, as an nn.Module taking and returning float tensors."""
-
-    def __init__(self, path: str | Path, threads: int | None = None):
-        super().__init__()
-        self.path = str(path)
-        self.session = session(path, threads or int(os.environ.get("OMP_NUM_THREADS", "0")) or None)
-        self.input_name = self.session.get_inputs()[0].name
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        array = images.detach().cpu().to(torch.float32).numpy()
-        try:
-            outputs = self.session.run(None, {self.input_name: array})
-        except Exception as error:  # noqa: BLE001 - becomes renorm.forward's one-line explanation
-            raise RuntimeError(" ".join(str(error).split())) from None
-        return torch.from_numpy(outputs[0])
-
-    def extra_repr(self) -> str:
-        return self.path
