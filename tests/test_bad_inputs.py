@@ -43,6 +43,13 @@ class TwoInputs(SmallNet):
         return super().forward(x * mask)
 
 
+class CumMax(SmallNet):
+    """Runs, but uses an op (cummax) that ONNX opset 17 lacks."""
+
+    def forward(self, x):
+        return super().forward(torch.cummax(x, 1)[0])
+
+
 class FixedSize(nn.Module):
     """Takes 30x30 images only (a flatten into a linear layer)."""
 
@@ -89,7 +96,8 @@ def ws(tmp_path_factory) -> Path:
     (root / "cut.pt").write_bytes((root / "w3.pt").read_bytes()[:5000])
     (root / "random.pt").write_bytes(bytes(range(256)) * 8)
     for name, model in (("pickled.pt", SmallNet()), ("half.pt", SmallNet().half()), ("pair.pt", PairNet()),
-                        ("dictout.pt", DictNet()), ("fixed.pt", FixedSize()), ("two.pt", TwoInputs())):
+                        ("dictout.pt", DictNet()), ("fixed.pt", FixedSize()), ("two.pt", TwoInputs()),
+                        ("cummax.pt", CumMax())):
         torch.save(model.eval(), root / name)
     traced = torch.jit.trace(SmallNet().eval(), torch.randn(1, 3, 16, 16))
     torch.jit.save(traced, str(root / "ts.pt"))
@@ -237,6 +245,22 @@ CLI: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "sensitivity --plot in a missing folder": (lambda w: ["sensitivity", *small(w), "--calib", str(w / "photos"),
                                                           "--plot", str(w / "out" / "no" / "s.png")],
                                                "does not exist"),
+    # export (ONNX) and compress --onnx
+    "export --onnx in a missing folder": (lambda w: ["export", *small(w), "--onnx", str(w / "out" / "no" / "m.onnx")],
+                                          "does not exist; create it first"),
+    "export --onnx over the weights": (lambda w: ["export", *small(w), "--onnx", str(w / "w3.pt")],
+                                       "is an input of this run"),
+    "export --onnx and --report one file": (lambda w: ["export", *small(w), "--onnx", str(w / "out" / "x"),
+                                                       "--report", str(w / "out" / "x")], "name the same file"),
+    "export without --onnx": (lambda w: ["export", *small(w)], "--onnx"),
+    "export TorchScript": (lambda w: ["export", str(w / "ts.pt"), "--onnx", str(w / "out" / "m.onnx"), "--resize",
+                                      "16", "--crop", "16"], "TorchScript"),
+    "export a model with an op ONNX lacks": (lambda w: ["export", *pickled(w, "cummax.pt"), "--onnx",
+                                                        str(w / "out" / "m.onnx")], "aten::cummax"),
+    "compress --onnx with 5-bit pow2": (lambda w: ["compress", *small(w), "--calib", str(w / "photos"), "--wbits", "5",
+                                                   "--onnx", str(w / "out" / "m.onnx")], "pow2 weights up to 4 bits"),
+    "compress --onnx with --abits 4": (lambda w: ["compress", *small(w), "--calib", str(w / "photos"), "--abits", "4",
+                                                  "--onnx", str(w / "out" / "m.onnx")], "8-bit activations"),
     # demo
     "demo --report is a folder": (lambda w: ["demo", "--report", str(w / "out")], "is a folder"),
     "demo --report in a missing folder": (lambda w: ["demo", "--report", str(w / "no" / "r.json")], "does not exist"),
@@ -265,8 +289,9 @@ def _locked_folder(ws: Path) -> Path:
 def api_cases() -> dict[str, tuple[Callable[[Path], object], str]]:
     from renorm.api import Config, compress
     from renorm.export import save_compressed
+    from renorm.export.onnx_qdq import export_onnx
     from renorm.models import load_model
-    from renorm.quantize.weights import WeightQuantConfig
+    from renorm.quantize.weights import WeightQuantConfig, quantize_weights
     from renorm.reconstruct import reconstruct
     from renorm.renormalize import renormalize
 
@@ -291,6 +316,11 @@ def api_cases() -> dict[str, tuple[Callable[[Path], object], str]]:
         "API: half-precision model": (lambda w: renormalize(SmallNet().half(), images), "float16"),
         "API: reconstruct an unquantized model": (
             lambda w: reconstruct(SmallNet(), SmallNet(), images), "no quantized layer"),
+        "API: export_onnx into a folder": (
+            lambda w: export_onnx(SmallNet().eval(), w / "out", images[:1]), "is a folder"),
+        "API: export_onnx of 6-bit pow2 weights": (
+            lambda w: export_onnx(quantize_weights(SmallNet(), WeightQuantConfig(bits=6, first_last_bits=0)),
+                                  w / "out" / "m.onnx", images[:1]), "beyond int8"),
         "API: batch_size=0": (lambda w: renormalize(SmallNet(), images, batch_size=0), "--batch-size must be at "
                                                                                        "least 1"),
     }

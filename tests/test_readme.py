@@ -88,3 +88,14 @@ def test_the_readme_says_exclude_means_float():
     in float (test_quantize::test_excluded_layers_stay_in_float_depthwise_included)."""
     sentences = [s for s in re.split(r"(?<=[.;])\s", " ".join(README.split())) if "`--exclude" in s]
     assert sentences and all("float" in s and "8 bits" not in s for s in sentences), sentences
+
+
+def test_numbers_in_the_export_section_come_from_docs_results_deploy():
+    """Each figure in "### Export" is in docs/results/deploy.md, the tables benchmarks/deploy.py writes."""
+    section = README[README.index("### Export"):README.index("## Results in short")]
+    results = (ROOT / "docs" / "results" / "deploy.md").read_text()
+    targets = {"3.0", "2.2"}  # issue 9's speed targets, quoted as targets
+    numbers = [n for n in re.findall(r"\d+\.\d+", section) if n not in targets]
+    assert len(numbers) >= 4
+    for number in numbers:
+        assert number in results, number

@@ -131,6 +131,9 @@ def compress(model: nn.Module | str | LoadedModel, calib: Any, config: Config = 
 def _compress(loaded: LoadedModel, calib: Any, config: Config, eval_data: Any, preset: Preset | None,
               progress: bool) -> Result:
     fp32 = loaded.model  # never modified, never switched to eval mode: see renorm.forward.eval_mode
+    if loaded.source.get("kind") == "onnx" or type(fp32).__name__ == "OnnxModule":
+        raise RenormError("an ONNX file can be evaluated but not compressed; compress the PyTorch model "
+                          "(torchvision:NAME --weights FILE, or a renorm file) and export it with --onnx")
     if isinstance(fp32, torch.jit.ScriptModule):
         raise RenormError("a TorchScript model can be evaluated but not compressed: PyTorch allows no hooks or "
                           "module surgery on it; load the eager model instead (torchvision:NAME --weights FILE)")

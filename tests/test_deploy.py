@@ -1,0 +1,256 @@
+"""ONNX export: integer weights in the graph, integer kernels in ONNX Runtime, parity with renorm's model."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SmallNet, perturbed, write_image
+from renorm import cli
+from renorm.api import Config, compress
+from renorm.data import open_images, sample
+from renorm.errors import RenormError
+from renorm.evaluate import agreement, predict
+from renorm.models import load_model
+from renorm.quantize.activations import ActivationQuantConfig, calibrate_activations
+from renorm.quantize.weights import ATTRIBUTE, WeightQuantConfig, code_values, quantize_weights
+from renorm.renormalize import renormalize
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from renorm.export.onnx_qdq import export_onnx  # noqa: E402
+from renorm.export.onnx_runtime import OnnxModule, integer_operators  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+FLOAT_OPS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul")
+
+
+def _small_w8a8(images: torch.Tensor, bits: int = 8, scheme: str = "uniform", abits: bool = True) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = quantize_weights(perturbed(SmallNet()), WeightQuantConfig(bits=bits, scheme=scheme, first_last_bits=8))
+    model = renormalize(model, images, "exact", batch_size=32)
+    if abits:
+        model = calibrate_activations(model, images, ActivationQuantConfig(bits=8, num_images=96), batch_size=32)
+    return model
+
+
+def _initializers(path) -> dict[str, np.ndarray]:
+    return {init.name: onnx.numpy_helper.to_array(init) for init in onnx.load(str(path)).graph.initializer}
+
+
+def test_small_model_runs_in_onnxruntime_like_the_simulation(tmp_path, images):
+    model = _small_w8a8(images)
+    path = tmp_path / "small.onnx"
+    summary = export_onnx(model, path, images[:1], calib=images)
+    assert summary["int8_weights"] == 4 and summary["folded_batchnorms"] == 3
+    with torch.no_grad():
+        expected = model(images)
+    got = OnnxModule(path)(images)
+    # One output quantization step of the classifier's input moves a logit by about |w| * scale; allow a few.
+    step = model.fc2._renorm_act.scale * float(model.fc2.weight.abs().sum(1).max())
+    assert float((got - expected).abs().max()) < 3 * step
+    assert float((got.argmax(1) == expected.argmax(1)).float().mean()) >= 0.95
+
+
+def test_the_graph_holds_integer_weights_not_float_ones(tmp_path, images):
+    model = _small_w8a8(images, bits=4, scheme="pow2", abits=False)
+    path = tmp_path / "w4.onnx"
+    export_onnx(model, path, images[:1])
+    initializers = _initializers(path)
+    proto = onnx.load(str(path))
+    for name in ("conv1", "conv2", "fc1", "fc2"):
+        assert f"{name}.weight" not in initializers  # no float copy left
+        integers = initializers[f"{name}.weight_quantized"]
+        assert integers.dtype == np.int8
+        quantized = getattr(getattr(model, name), ATTRIBUTE)
+        levels = code_values(quantized.codes, quantized.scheme).numpy()
+        # BatchNorm folding may flip a channel's sign (a negative gamma), never its codes' magnitudes
+        assert np.array_equal(np.abs(integers), np.abs(levels).astype(np.int8))
+        scale = initializers[f"{name}.weight_scale"]
+        assert scale.shape == (integers.shape[0],) and (scale > 0).all()
+    dequantize = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
+    assert {n.input[0] for n in dequantize} >= {f"{name}.weight_quantized" for name in ("conv1", "conv2", "fc1", "fc2")}
+    assert not [n for n in proto.graph.node if n.op_type == "BatchNormalization"]
+
+
+def test_with_quantized_inputs_each_channel_is_stretched_by_a_whole_factor(tmp_path, images):
+    """README: levels times the largest whole number that keeps them within int8; the int32 bias steps shrink."""
+    model = _small_w8a8(images, bits=4, scheme="uniform")
+    path = tmp_path / "w4a8.onnx"
+    export_onnx(model, path, images[:1])
+    initializers = _initializers(path)
+    for name in ("conv2", "fc1"):
+        integers = initializers[f"{name}.weight_quantized"].astype(np.int32).reshape(len(initializers[f"{name}.weight_scale"]), -1)
+        quantized = getattr(getattr(model, name), ATTRIBUTE)
+        levels = np.abs(code_values(quantized.codes, quantized.scheme).numpy().reshape(len(integers), -1)).astype(np.int32)
+        peak = levels.max(1)
+        factor = np.where(peak > 0, 127 // np.maximum(peak, 1), 1)
+        assert (factor > 1).any()  # 4-bit levels (|level| <= 7) are stretched 18x
+        assert np.array_equal(np.abs(integers), levels * factor[:, None])
+        assert np.abs(integers).max() <= 127
+        assert initializers[f"{name}.bias_quantized"].dtype == np.int32
+
+
+class Branchy(SmallNet):
+    """Does not trace with torch.fx (control flow on a tensor's value): BatchNorm is paired by hooks."""
+
+    def forward(self, x):
+        if float(x.mean()) > 1e9:
+            x = x * 2
+        return super().forward(x)
+
+
+def test_batchnorm_is_folded_in_a_model_that_does_not_trace(tmp_path, images):
+    torch.manual_seed(0)
+    model = perturbed(Branchy())
+    summary = export_onnx(model, tmp_path / "b.onnx", images[:1])
+    assert summary["folded_batchnorms"] == 3
+    with torch.no_grad():
+        expected = model(images)
+    assert torch.allclose(OnnxModule(tmp_path / "b.onnx")(images), expected, atol=1e-4)
+
+
+def test_export_leaves_the_model_alone(tmp_path, images):
+    model = _small_w8a8(images)
+    before = copy.deepcopy(model.state_dict())
+    with torch.no_grad():
+        outputs = model(images)
+    export_onnx(model, tmp_path / "m.onnx", images[:1], calib=images)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.bn1.__class__.__name__ == "BatchNorm2d" and model.conv1._renorm_act is not None
+    with torch.no_grad():
+        assert torch.equal(model(images), outputs)
+
+
+def test_six_bit_pow2_weights_are_refused(tmp_path, images):
+    model = _small_w8a8(images, bits=6, scheme="pow2", abits=False)
+    with pytest.raises(RenormError, match="beyond int8"):
+        export_onnx(model, tmp_path / "m.onnx", images[:1])
+    assert not list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------- the reference models
+@pytest.fixture(scope="module")
+def fashion():
+    loaded = load_model("fmnist-resnet18")
+    calib = sample(open_images("fashion-mnist-mini:train", loaded.preset, labeled=False), 300)
+    test = open_images("fashion-mnist-mini:test", loaded.preset)
+    return calib, test
+
+
+@pytest.fixture(scope="module")
+def resnet_w4a8(fashion, tmp_path_factory):
+    """fmnist-resnet18 at W4A8 pow2 (300 calibration images), exported with and without calibration."""
+    calib, _ = fashion
+    loaded = load_model("fmnist-resnet18")
+    model = compress(loaded, calib, Config(wbits=4, scheme="pow2", abits=8, num_images=300, act_images=200)).model
+    folder = tmp_path_factory.mktemp("resnet")
+    summaries = {name: export_onnx(model, folder / f"{name}.onnx", calib.load(0)[0][None], spec=loaded.spec,
+                                   calib=calib if name == "calib" else None, preset=loaded.preset, num_classes=10)
+                 for name in ("calib", "no-calib")}
+    return loaded, model, folder, summaries
+
+
+def _parity(model, path, test) -> float:
+    torch_logits, labels = predict(model, test, 500)
+    onnx_logits, _ = predict(OnnxModule(path), test, 500)
+    assert len(labels) == 3000
+    return agreement(onnx_logits, torch_logits)["agreement_top1"]
+
+
+def test_resnet18_w4a8_agrees_with_its_onnx_file(fashion, resnet_w4a8):
+    """The bundled subset (3000 test images): ONNX Runtime's top-1 agrees with renorm's model on >= 99.5%."""
+    _, model, folder, _ = resnet_w4a8
+    assert _parity(model, folder / "calib.onnx", fashion[1]) >= 99.5
+
+
+def test_mobilenet_v2_w4a8_agrees_with_its_onnx_file(tmp_path, fashion):
+    calib, test = fashion
+    loaded = load_model("fmnist-mobilenet_v2")
+    model = compress(loaded, calib, Config(wbits=4, scheme="uniform", abits=8, num_images=300, act_images=200)).model
+    path = tmp_path / "mobilenet.onnx"
+    export_onnx(model, path, calib.load(0)[0][None], calib=calib)
+    assert _parity(model, path, test) >= 99.5
+    operators = integer_operators(path)
+    assert operators["QLinearConv"] == 52 and operators["QLinearAdd"] == 10 and operators["QGemm"] == 1
+    assert sum(operators.get(op, 0) for op in FLOAT_OPS) == 0
+
+
+def test_resnet18_runs_every_conv_as_an_integer_kernel(resnet_w4a8):
+    _, _, folder, summaries = resnet_w4a8
+    # 11 inputs of residual Adds (8 conv2, 3 downsample) and the global pool's input
+    assert summaries["no-calib"]["float_add_inputs"] == 12 and summaries["calib"]["calibrated_for_export"] == 12
+    fused = integer_operators(folder / "calib.onnx")
+    assert fused["QLinearConv"] == 20 and fused["QLinearAdd"] == 8 and fused["QGemm"] == 1
+    assert sum(fused.get(op, 0) for op in FLOAT_OPS) == 0
+    # without calibration images the 11 convs before a residual Add keep float outputs: no integer kernel
+    assert integer_operators(folder / "no-calib.onnx")["QLinearConv"] == 9
+
+
+# --------------------------------------------------------------------------- the command line
+def _digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_cli_export_and_evaluate_an_onnx_file(tmp_path, capsys, resnet_w4a8):
+    from renorm.export import save_compressed
+
+    loaded, model, _, _ = resnet_w4a8
+    out = tmp_path / "m.pt"
+    save_compressed(out, model, loaded)
+    digest = _digest(out)
+    path = tmp_path / "m.onnx"
+    assert cli.main(["export", str(out), "--onnx", str(path), "--calib", "fashion-mnist-mini:train", "--num-images",
+                     "64", "--quiet"]) == 0
+    assert "ONNX Runtime runs QGemm 1, QLinearAdd 8, QLinearConv 20; float conv/gemm 0" in capsys.readouterr().out
+    assert _digest(out) == digest  # the input is never modified
+    assert cli.main(["evaluate", str(path), "--data", "fashion-mnist-mini:test", "--reference", str(out),
+                     "--quiet", "--report", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["evaluation"]["images"] == 3000 and report["model"]["preset"]["name"] == "fashion-mnist"
+    assert report["accuracy"]["model"]["agreement_top1"] >= 99.5 and report["accuracy"]["model"]["top1"] > 85
+    assert cli.main(["export", str(out), "--onnx", str(tmp_path / "float-adds.onnx"), "--quiet"]) == 0
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert warning == ["renorm: warning: 12 residual Add or pool inputs stay float without --calib: the convs before "
+                       "them run in float; add --calib IMAGES"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["float-adds.onnx", "m.onnx", "m.pt", "r.json"]
+
+
+def test_cli_compress_writes_the_onnx_file_too(tmp_path, capsys):
+    torch.save(perturbed(SmallNet()), tmp_path / "net.pt")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(6):
+        write_image(photos / f"{i}.png", size=(20, 20), seed=i)
+    assert cli.main(["compress", str(tmp_path / "net.pt"), "--trust-pickle", "--resize", "16", "--crop", "16",
+                     "--calib", str(photos), "--wbits", "8", "--scheme", "uniform", "--abits", "8",
+                     "--onnx", str(tmp_path / "net.onnx"), "--quiet"]) == 0
+    # conv2 feeds a float mean (renorm quantizes conv/linear inputs only): it keeps a float output
+    assert "ONNX Runtime runs QGemm 2, QLinearConv 1; float conv/gemm 1" in capsys.readouterr().out
+    assert OnnxModule(tmp_path / "net.onnx")(torch.zeros(2, 3, 16, 16)).shape == (2, 10)
+
+
+def test_onnx_missing_gives_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx now raises ImportError
+    code = cli.main(["compress", "fmnist-resnet18", "--calib", "fashion-mnist-mini:train", "--onnx",
+                     str(tmp_path / "m.onnx"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "pip install 'renorm[deploy]'" in err[0]
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_onnx_file_is_refused_for_compression_and_export(tmp_path, images, capsys):
+    path = tmp_path / "m.onnx"
+    export_onnx(_small_w8a8(images), path, images[:1])
+    for argv in (["compress", str(path), "--calib", "fashion-mnist-mini:train", "--quiet"],
+                 ["export", str(path), "--onnx", str(tmp_path / "again.onnx"), "--quiet"]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and ("not compressed" in err[0] or "already an ONNX file" in err[0]), err
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
