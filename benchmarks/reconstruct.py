@@ -41,6 +41,7 @@ from renorm.report import stage
 reconstruction = importlib.import_module("renorm.reconstruct")
 # method name in the tables -> ReconstructConfig fields (rtn: no reconstruction)
 METHODS = {"rtn": None, "gptq": {"method": "gptq"}, "gptq, damping 0.01": {"method": "gptq", "damping": 0.01},
+           "gptq, damping auto": {"method": "gptq", "damping": "auto"},
            "gptq, FP32 inputs": {"method": "gptq", "inputs": "fp32"},
            "adaround": {"method": "adaround"}, "nearest": {"method": "nearest"}}
 ALL = ("rtn", "gptq", "gptq, damping 0.01", "gptq, FP32 inputs", "adaround")
@@ -189,7 +190,8 @@ def tune_rows(args) -> list[dict]:
                          lambda p, s=steps, r=rate, g=penalty: solve_adaround(p, s, r, g)))
     for label, solver in settings:
         ratio, seconds = left(solver)
-        data.append({"solver": label, "objective_left": ratio, "seconds": seconds, "layers": len(picked)})
+        data.append({"solver": label, "objective_left": ratio, "seconds": seconds, "layers": len(picked),
+                     "commit": COMMIT})
         print(data[-1], flush=True)
     return data
 
@@ -228,7 +230,9 @@ def render(everything: dict[str, list[dict]]) -> str:
                       + markdown_table(["weights", "method", "images", "reconstruct s", "peak RSS MiB"], rows))
     if "tune" in everything:
         rows = [[e["solver"], f"{e['objective_left']:.3f}", f"{e['seconds']:.1f}"] for e in everything["tune"]]
-        tables.append(f"### Solver settings on Lite0's W4 uniform layers ({everything['tune'][0]['layers']} layers)"
+        tune = everything["tune"][0]
+        tables.append(f"### Solver settings on Lite0's W4 uniform layers ({tune['layers']} layers; measured at "
+                      f"{tune.get('commit', 'ee00610, damping 0.01')})"
                       "\n\n" + markdown_table(["solver", "objective left (nearest = 1)", "seconds"], rows))
     return "\n\n".join(tables)
 
@@ -264,8 +268,10 @@ def write(args, rows: dict[str, list[dict]]) -> None:
     data = merged("reconstruct" + suffix, rows)
     body = ("`rtn`: round to nearest (renorm's quantizer, no reconstruction). `gptq`, `adaround`: "
             "renorm.reconstruct with that method on the first `images` calibration images (256: layer by layer in "
-            "execution order, inputs from the partly quantized network, BatchNorm offsets absorbed, damping chosen "
-            "per layer by two-fold cross-validation); `gptq, damping 0.01`: GPTQ's usual fixed damping; `gptq, FP32 "
+            "execution order, inputs from the partly quantized network, BatchNorm offsets absorbed, damping 0.1); "
+            "`gptq, damping 0.01`: GPTQ's usual damping (renorm's default before 6d216d7; the rows marked \"at "
+            "ee00610\" ran with it); `gptq, damping auto`: damping chosen per layer by cross-validation over two folds "
+            "of the images (fitted on one, scored on the other; at 73bd706); `gptq, FP32 "
             "inputs`: the same with every layer's inputs from the FP32 network. Then re-normalization (`no renorm`: "
             "the statistics reconstruction left) and, for A8 rows, 8-bit activations. Times on a shared 2-core "
             "machine.\n\n" + render(data))

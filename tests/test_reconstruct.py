@@ -285,7 +285,7 @@ def test_cross_validation_damps_more_when_rows_are_few():
     held-out error is larger than with many rows, and each choice has the lowest held-out error."""
     from renorm.reconstruct import _choose_damping
 
-    config = ReconstructConfig(offset=False, min_rows_per_input=0)
+    config = ReconstructConfig(offset=False, min_rows_per_input=0, damping="auto")
     few = _choose_damping(*_fold_stats(rows=60), config)
     many = _choose_damping(*_fold_stats(rows=4000), config)
     assert few[0] > many[0], (few, many)
@@ -305,8 +305,8 @@ def test_a_fixed_damping_is_used_as_given_and_bad_ones_are_refused():
 
 
 def test_each_layer_reports_the_damping_it_used():
-    """Two or more chunks of images: a damping of the grid per layer, in the report's layer rows;
-    a single chunk has nothing to hold out and uses the fallback."""
+    """damping="auto", two or more chunks of images: a damping of the grid per layer, in the report's
+    layer rows; a single chunk has nothing to hold out and uses the fallback; the default is 0.1."""
     from renorm.quantize.weights import weight_quantization_stats
     from renorm.reconstruct import FALLBACK_DAMPING
 
@@ -314,8 +314,10 @@ def test_each_layer_reports_the_damping_it_used():
     fp32 = perturbed(DepthwiseNet())
     images = torch.randn(40, 3, 12, 12, generator=torch.Generator().manual_seed(2))
     quantized = quantize_weights(copy.deepcopy(fp32), WeightQuantConfig(bits=3, scheme="uniform"))
-    config = ReconstructConfig(num_images=40)
+    config = ReconstructConfig(num_images=40, damping="auto")
     rows = weight_quantization_stats(reconstruct(quantized, fp32, images, config, chunk=16))
     assert rows and all(row["reconstruction"]["damping"] in config.damping_grid for row in rows)
     single = weight_quantization_stats(reconstruct(quantized, fp32, images, config, chunk=64))
     assert all(row["reconstruction"]["damping"] == FALLBACK_DAMPING for row in single)
+    default = weight_quantization_stats(reconstruct(quantized, fp32, images, ReconstructConfig(num_images=40)))
+    assert all(row["reconstruction"]["damping"] == 0.1 for row in default)
