@@ -84,9 +84,9 @@ def test_demo_writes_the_accuracy_contract(tmp_path, monkeypatch):
 # W4 pow2 92.43 -> 92.57 after exact re-normalization; W2 uniform 38.77 -> 91.80, +A8 91.93;
 # 70% unstructured 83.70 -> 91.67; demo final (W4A8) 92.53. mobilenet_v2: FP32 91.40;
 # W4 uniform 88.13 -> 91.20 after re-normalization, +A8 91.23. With --reconstruct gptq (Config(wbits=B,
-# scheme="uniform", reconstruct="gptq"): this test's own configuration, commit 53dc4e1): W3 91.13 after
-# reconstruction, 90.77 after exact re-normalization (round-to-nearest: 57.63 -> 90.57); W2 88.97 / 88.70
-# (round-to-nearest: 9.63 -> 86.00).
+# scheme="uniform", reconstruct="gptq"): this test's own configuration, commit 7a98f8a, damping 0.1): W3 90.97
+# after reconstruction, 90.63 after exact re-normalization (round-to-nearest: 57.63 -> 90.57); W2 89.03 / 88.50
+# (round-to-nearest: 9.63 -> 86.00). With damping 0.01 (commit 53dc4e1): W3 91.13 / 90.77, W2 88.97 / 88.70.
 FLOORS = {
     "resnet18_fp32": 92.5,
     "resnet18_w4_gap": 0.8,

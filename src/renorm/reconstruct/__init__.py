@@ -76,9 +76,10 @@ class ReconstructConfig:
     min_rows: int = 2048
     max_rows: int = 16384
     # ridge added to H (and pulling W* towards the FP32 weights), in units of H's mean diagonal. GPTQ's usual
-    # 0.01 fits the noise of a few hundred images on EfficientNet-Lite0 (KL 0.44 against 0.27 at 0.1, no worse
-    # on the references; docs/RESULTS.md). "auto" picks it per layer from damping_grid by cross-validation over
-    # two folds of the images (_choose_damping): measured no better than 0.1, at 3-4x the solving time
+    # 0.01 fits the noise of a few hundred images on EfficientNet-Lite0 (W4 KL 0.44 against 0.27 at 0.1; within
+    # 0.22 point on the references; docs/RESULTS.md). "auto" picks it per layer from damping_grid by
+    # cross-validation over two folds of the images (_choose_damping): best on mobilenet_v2, not on Lite0,
+    # at 1.5-4x the time
     damping: float | str = 0.1
     damping_grid: tuple[float, ...] = (0.01, 0.1, 0.3, 1.0)
     rounds: int = 2  # gptq: rounding, scale refit, rounding again
