@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from conftest import SmallNet, perturbed, write_image
 from renorm import cli
@@ -254,3 +256,33 @@ def test_an_onnx_file_is_refused_for_compression_and_export(tmp_path, images, ca
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and ("not compressed" in err[0] or "already an ONNX file" in err[0]), err
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+class PaddedNet(nn.Module):
+    """conv -> ReLU6 -> zero F.pad -> depthwise conv: TensorFlow-style "same" padding (EfficientNet-Lite)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, stride=2, groups=8), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = F.relu6(self.bn1(self.conv1(x)))
+        x = F.relu6(self.bn2(self.conv2(F.pad(x, (0, 1, 0, 1)))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def test_a_conv_before_a_zero_pad_runs_as_an_integer_kernel(tmp_path, images):
+    """The pad's input is quantized with the pad's own quantizer (exact: zero is a level), so the conv
+    before it ends in a QuantizeLinear; before, EfficientNet-Lite0 kept 17 such convs in float."""
+    torch.manual_seed(0)
+    model = quantize_weights(perturbed(PaddedNet()), WeightQuantConfig(bits=8, scheme="uniform", first_last_bits=8))
+    model = calibrate_activations(model, images, ActivationQuantConfig(bits=8, num_images=96), batch_size=32)
+    path = tmp_path / "padded.onnx"
+    export_onnx(model, path, images[:1], calib=images)
+    operators = integer_operators(path)
+    assert operators.get("QLinearConv", 0) == 2 and not any(operators.get(op) for op in FLOAT_OPS), operators
+    with torch.no_grad():
+        expected = model(images)
+    assert float((OnnxModule(path)(images).argmax(1) == expected.argmax(1)).float().mean()) >= 0.95

@@ -219,9 +219,32 @@ def _activation_points(editor: _GraphEditor, layers: dict[str, Any], inputs: dic
         source = editor.producer(node.input[0]) if quantizer is not None and not quantizer.signed else None
         if source is not None and source.op_type == "Relu" and len(editor.consumers(node.input[0])) == 1:
             tensors.setdefault(node.input[0], quantizer)
+    for node in editor.graph.node:
+        # a zero Pad in front of a quantized layer (TensorFlow-style "same" padding): quantize its input
+        # too, with the same quantizer (zero is a level, so Q(pad(x)) = pad(Q(x)) exactly), so that the
+        # layer before it can end in a QuantizeLinear and run as an integer kernel
+        quantizer = tensors.get(node.output[0]) if node.op_type == "Pad" else None
+        if quantizer is not None and _zero_pad(editor, node) and len(editor.consumers(node.input[0])) == 1:
+            tensors.setdefault(node.input[0], quantizer)
     missing = [t for node in editor.graph.node if node.op_type in _INTEGER_READERS for t in node.input
                if t not in tensors and t not in editor.initializers] if inputs else []
     return tensors, list(dict.fromkeys(missing))
+
+
+def _zero_pad(editor: _GraphEditor, node: Any) -> bool:
+    """A constant-mode Pad whose fill value is zero (or absent)."""
+    mode = next((a.s for a in node.attribute if a.name == "mode"), b"constant")
+    if mode not in (b"constant", "constant"):
+        return False
+    if len(node.input) < 3 or not node.input[2]:
+        return True
+    fill = node.input[2]
+    if fill in editor.initializers:
+        return bool(np.all(editor.array(fill) == 0))
+    source = editor.producer(fill)
+    if source is not None and source.op_type == "Constant":
+        return bool(np.all(editor.onnx.numpy_helper.to_array(source.attribute[0].t) == 0))
+    return False
 
 
 def _insert_activation_pairs(editor: _GraphEditor, tensors: dict, layers: dict[str, Any], inputs: dict) -> None:
@@ -229,12 +252,13 @@ def _insert_activation_pairs(editor: _GraphEditor, tensors: dict, layers: dict[s
     that reads the tensor (so that each runs on integers, as in an INT8 graph)."""
     quantized_layer_nodes = {id(node) for name, node in layers.items() if name in inputs}
 
-    def reads(node: Any, slot: int) -> bool:
-        return node.op_type in (*_INTEGER_READERS, "MaxPool") or (slot == 0 and id(node) in quantized_layer_nodes)
+    def reads(node: Any, slot: int, tensor: str) -> bool:
+        return node.op_type in (*_INTEGER_READERS, "MaxPool") or (slot == 0 and id(node) in quantized_layer_nodes) \
+            or (node.op_type == "Pad" and slot == 0 and node.output[0] in tensors and _zero_pad(editor, node))
 
     for tensor, quantizer in tensors.items():
         readers = [(i, node, slot) for i, node in editor.consumers(tensor)
-                   for slot, name in enumerate(node.input) if name == tensor and reads(node, slot)]
+                   for slot, name in enumerate(node.input) if name == tensor and reads(node, slot, tensor)]
         if not readers:
             continue
         if len(readers) == len(editor.consumers(tensor)):  # nothing reads the float tensor any more
