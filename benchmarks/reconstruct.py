@@ -59,6 +59,9 @@ FMNIST_METHODS = {"fmnist-mobilenet_v2": {"W2 uniform": ("rtn", "gptq", "gptq, d
 FMNIST_DEFAULT = ("rtn", "gptq", "gptq, FP32 inputs")
 
 
+EARLIER_COMMIT = "ee00610"  # rows in reconstruct.json without a "commit" field were measured there
+
+
 def _chosen(methods, args) -> tuple[str, ...]:
     """The methods to measure now (--methods); the others keep their rows from reconstruct.json."""
     return tuple(m for m in methods if args.methods is None or m in args.methods)
@@ -66,13 +69,13 @@ def _chosen(methods, args) -> tuple[str, ...]:
 
 def _label(entry: dict[str, Any], latest: str) -> str:
     """The method, and the commit it was measured at when that is not the table's latest."""
-    commit = entry.get("commit", "ee00610")
+    commit = entry.get("commit", EARLIER_COMMIT)
     return entry["method"] + (f" (at {commit})" if commit != latest and entry["method"] else "")
 
 
 def _reference_commit(entries: list[dict]) -> str:
     """The commit of the default method's rows: rows measured at another commit say which."""
-    return next((e.get("commit", "ee00610") for e in entries if e["method"] == "gptq"), "ee00610")
+    return next((e.get("commit", EARLIER_COMMIT) for e in entries if e["method"] == "gptq"), EARLIER_COMMIT)
 
 
 def _keep_unmeasured(name: str, rows: list[dict], args) -> list[dict]:
@@ -81,7 +84,7 @@ def _keep_unmeasured(name: str, rows: list[dict], args) -> list[dict]:
         return rows
     earlier = merged("reconstruct" + ("_quick" if args.quick else ""), {}).get(name, [])
     fresh = {(row["weights"], row["method"]): row for row in rows}
-    kept = [fresh.pop((row["weights"], row["method"]), None) or {"commit": "ee00610", **row} for row in earlier]
+    kept = [fresh.pop((row["weights"], row["method"]), None) or {"commit": EARLIER_COMMIT, **row} for row in earlier]
     combined = kept + list(fresh.values())
     weights = list(dict.fromkeys(row["weights"] for row in combined))
     order = ["", *METHODS]
@@ -236,7 +239,7 @@ def render(everything: dict[str, list[dict]]) -> str:
         rows = [[e["solver"], f"{e['objective_left']:.3f}", f"{e['seconds']:.1f}"] for e in everything["tune"]]
         tune = everything["tune"][0]
         tables.append(f"### Solver settings on Lite0's W4 uniform layers ({tune['layers']} layers; measured at "
-                      f"{tune.get('commit', 'ee00610, damping 0.01')})"
+                      f"{tune.get('commit', EARLIER_COMMIT + ', damping 0.01')})"
                       "\n\n" + markdown_table(["solver", "objective left (nearest = 1)", "seconds"], rows))
     return "\n\n".join(tables)
 

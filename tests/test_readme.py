@@ -32,10 +32,15 @@ def test_the_stated_number_of_bad_inputs_is_the_matrix_size():
     assert stated and int(stated.group(1)) == len(CASES)
 
 
+def command_lines(program: str) -> list[list[str]]:
+    """The README's bash lines that run `program`, split into words (continuations joined)."""
+    lines = "\n".join(code_blocks("bash")).replace("\\\n", " ").splitlines()
+    return [shlex.split(line, comments=True) for line in lines if line.strip().startswith(program + " ")]
+
+
 def test_every_command_line_in_the_readme_parses():
     parser = build_parser()
-    lines = "\n".join(code_blocks("bash")).replace("\\\n", " ").splitlines()
-    commands = [shlex.split(line, comments=True) for line in lines if line.strip().startswith("renorm ")]
+    commands = command_lines("renorm")
     assert len(commands) >= 6
     for words in commands:
         parser.parse_args(words[1:])  # a RenormError (unknown flag, bad choice) fails the test
@@ -43,8 +48,7 @@ def test_every_command_line_in_the_readme_parses():
 
 def test_every_torchrun_line_in_the_readme_runs_a_renorm_command_that_parses():
     parser = build_parser()
-    lines = "\n".join(code_blocks("bash")).replace("\\\n", " ").splitlines()
-    commands = [shlex.split(line, comments=True) for line in lines if line.strip().startswith("torchrun ")]
+    commands = command_lines("torchrun")
     assert len(commands) >= 2
     for words in commands:
         assert words[words.index("--no-python") + 1] == "renorm"

@@ -252,13 +252,13 @@ def _insert_activation_pairs(editor: _GraphEditor, tensors: dict, layers: dict[s
     that reads the tensor (so that each runs on integers, as in an INT8 graph)."""
     quantized_layer_nodes = {id(node) for name, node in layers.items() if name in inputs}
 
-    def reads(node: Any, slot: int, tensor: str) -> bool:
+    def reads(node: Any, slot: int) -> bool:
         return node.op_type in (*_INTEGER_READERS, "MaxPool") or (slot == 0 and id(node) in quantized_layer_nodes) \
             or (node.op_type == "Pad" and slot == 0 and node.output[0] in tensors and _zero_pad(editor, node))
 
     for tensor, quantizer in tensors.items():
         readers = [(i, node, slot) for i, node in editor.consumers(tensor)
-                   for slot, name in enumerate(node.input) if name == tensor and reads(node, slot, tensor)]
+                   for slot, name in enumerate(node.input) if name == tensor and reads(node, slot)]
         if not readers:
             continue
         if len(readers) == len(editor.consumers(tensor)):  # nothing reads the float tensor any more

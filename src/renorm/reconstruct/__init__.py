@@ -193,13 +193,11 @@ def _problem(layer: Layer, moments: Moments, quantized: QuantizedWeight, config:
     return problem, mean_q.float(), mean_r.float(), absorb
 
 
-def _held_out_error(layer: Layer, weights: torch.Tensor, moments: Moments, config: ReconstructConfig) -> float:
+def _held_out_error(weights: torch.Tensor, hessian: torch.Tensor, target_term: torch.Tensor) -> float:
     """Output error of the layer with `weights` (G, R, K) on other rows, up to a constant:
-    sum over rows of q H q^T - 2 q C^T w (H, C that rows' centered moments)."""
-    hessian, cross, _, _, _ = _moments(layer, moments, config)
+    sum over rows of q H q^T - 2 q . (w C^T), H and C those rows' centered moments."""
     q = weights.double()
-    fp32 = layer.reference.weight.detach().double().reshape(q.shape)
-    return float(((q @ hessian) * q).sum() - 2 * (q * (fp32 @ cross.transpose(1, 2))).sum())
+    return float(((q @ hessian) * q).sum() - 2 * (q * target_term).sum())
 
 
 def _choose_damping(layer: Layer, stats: LayerStats, quantized: QuantizedWeight, config: ReconstructConfig
@@ -212,11 +210,14 @@ def _choose_damping(layer: Layer, stats: LayerStats, quantized: QuantizedWeight,
         return FALLBACK_DAMPING, {}
     # the search rounds with one GPTQ pass (learned rounding ten times per layer would cost minutes)
     solver = solve_nearest if config.method == "nearest" else (lambda problem: solve_gptq(problem, 1))
+    hessian, cross, _, _, _ = _moments(layer, stats.folds[1], config)
+    fp32 = layer.reference.weight.detach().double()
+    target_term = fp32.reshape(hessian.shape[0], -1, hessian.shape[-1]) @ cross.transpose(1, 2)
     errors = {}
     for damping in config.damping_grid:  # fitted on one fold, scored on the other (both ways doubles the cost)
         problem, _, _, _ = _problem(layer, stats.folds[0], quantized, config, damping)
         values, scale = solver(problem)
-        errors[damping] = _held_out_error(layer, values * scale[..., None], stats.folds[1], config)
+        errors[damping] = _held_out_error(values * scale[..., None], hessian, target_term)
     return min(errors, key=errors.get), errors
 
 
