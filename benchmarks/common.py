@@ -60,7 +60,12 @@ def timed(fn, *args, **kwargs):
 
 
 def _commit_at_start() -> str:
-    """The commit the benchmark runs (read once, at import: a run may outlive the next commit)."""
+    """The commit the benchmark runs (read once, at import: a run may outlive the next commit).
+
+    RENORM_BENCH_COMMIT names it where the tree is a copy without git (benchmarks/gpu_check.sh).
+    """
+    if os.environ.get("RENORM_BENCH_COMMIT"):
+        return os.environ["RENORM_BENCH_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "src", "benchmarks"], cwd=ROOT,

@@ -9,9 +9,11 @@ workers) three workloads run in fresh processes, launched with torchrun when the
 two: a plain inference pass over the images (decoding included; renorm.evaluate.predict,
 which splits the images across processes), exact re-normalization alone, and the whole
 W4A8 pipeline (renorm.compress: quantize, re-normalize, calibrate 8-bit activations; no
-evaluation). Images/s counts the calibration images. Writes docs/results/scale.md
-(scale_MODEL_DEVICE.md for another model or device). With --device cuda: one process,
-without and with 4 decoding workers, and one process per GPU (nccl) when there are several.
+evaluation). Images/s counts the calibration images. Each process runs one warm-up batch
+before its clock starts. Writes docs/results/scale.md (scale_MODEL_DEVICE.md for another
+model or device). With --device cuda: one process, without and with 4 decoding workers,
+with the images decoded once beforehand (a tensor in memory: what the GPU itself costs),
+and one process per GPU (nccl) when there are several.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 SETTINGS = [(1, 1, 0), (1, 2, 0), (1, 1, 1), (2, 1, 0)]  # (processes, threads each, decoding workers each)
+IN_MEMORY = -1  # "decoding workers" of a setting whose images are decoded before the clock starts
 WORKLOADS = ("inference", "renormalize", "pipeline")
 
 
@@ -58,7 +61,12 @@ def measure(workload: str, folder: str, images: int, workers: int, model_name: s
     torch.manual_seed(0)
     model = torchvision.models.get_model(model_name).eval().to(device)
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    source = sample(open_images(folder, PRESETS["imagenet"], labeled=False, workers=workers), images, seed=0)
+    source = sample(open_images(folder, PRESETS["imagenet"], labeled=False, workers=max(workers, 0)), images, seed=0)
+    if workers == IN_MEMORY:
+        source = torch.stack([source.load(index)[0] for index in range(len(source))])
+    with torch.no_grad():  # warm-up: CUDA context, cuDNN's choice of kernels
+        model(torch.zeros(2, 3, 224, 224, device=device))
+    synchronize()
     if distributed.active():
         dist.barrier()
     start = time.perf_counter()
@@ -116,7 +124,7 @@ def main() -> None:
         import torch
 
         gpus = torch.cuda.device_count()
-        settings = [(1, 1, 0), (1, 1, 4)] + ([(gpus, 1, 0)] if gpus > 1 else [])
+        settings = [(1, 1, 0), (1, 1, 4), (1, 1, IN_MEMORY)] + ([(gpus, 1, 0)] if gpus > 1 else [])
     rows, started = [], time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     with tempfile.TemporaryDirectory() as folder:
         write_photos(Path(folder), images)
@@ -124,7 +132,8 @@ def main() -> None:
             load = os.getloadavg()[0]
             seconds = {w: run(w, Path(folder), images, processes, threads, workers, args.model, args.device)
                        for w in WORKLOADS}
-            row = [str(processes), str(threads), str(workers), f"{load:.2f}"]
+            row = [str(processes), str(threads), "decoded beforehand" if workers == IN_MEMORY else str(workers),
+                   f"{load:.2f}"]
             row += [f"{seconds[w]:.1f} ({images / seconds[w]:.1f})" for w in WORKLOADS]
             row += [f"{seconds['renormalize'] / seconds['inference']:.2f}"]
             rows.append(row)

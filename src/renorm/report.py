@@ -4,7 +4,7 @@ Top-level keys of a report: "accuracy" maps each evaluated stage ("fp32", "compr
 "renormalized", "final"; "model" for `renorm evaluate`) to its metrics: "top1"/"top5"
 (percent) on labeled data, "agreement_top1"/"agreement_top5"/"kl" against the FP32
 model on unlabeled data. Also "config", "model", "calibration", "evaluation", "stages"
-(seconds and peak RSS per stage), "weights", "activations", "batchnorm", "table".
+(seconds and peak RSS per stage; peak GPU memory too where CUDA is in use), "weights", "activations", "batchnorm", "table".
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+import torch
 
 from renorm.files import write_atomic
 
@@ -48,13 +50,21 @@ def reset_peak_rss() -> bool:
 
 @contextmanager
 def stage(stages: dict[str, dict], name: str) -> Iterator[dict]:
-    """Record seconds and peak RSS (MiB) of the enclosed block under stages[name]."""
+    """Record seconds and peak RSS (MiB) of the enclosed block under stages[name], and the peak
+    of PyTorch's CUDA memory (peak_gpu_mb) when CUDA is in use; the GPU's queued work is waited
+    for before the clock stops."""
     reset_peak_rss()
+    gpu = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
     record: dict[str, Any] = {}
     start = time.perf_counter()
     try:
         yield record
     finally:
+        if gpu or torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+            record["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
         record["seconds"] = round(time.perf_counter() - start, 3)
         record["peak_rss_mb"] = round(peak_rss_mb(), 1)
         stages[name] = record
