@@ -143,7 +143,8 @@ def test_the_command_line_on_cuda(tmp_path):
     command = [sys.executable, "-c", "from renorm.cli import main; raise SystemExit(main())", "compress",
                "fmnist-resnet18", "--calib", "fashion-mnist-mini:train", "--num-images", "300", "--wbits", "4",
                "--abits", "8", "--act-images", "100", "--eval", "fashion-mnist-mini:test", "--device", "cuda",
-               "--report", str(report), "--out", str(tmp_path / "model.renorm"), "--quiet"]
+               "--report", str(report), "--out", str(tmp_path / "model.renorm"), "--onnx", str(tmp_path / "m.onnx"),
+               "--quiet"]
     done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     numbers = json.loads(report.read_text())
@@ -155,3 +156,23 @@ def test_the_command_line_on_cuda(tmp_path):
     assert any("peak_gpu_mb" in record for record in numbers["stages"].values())
     loaded = load_model(str(tmp_path / "model.renorm"))  # a file written from the GPU loads on the CPU
     assert next(loaded.model.parameters()).device.type == "cpu"
+    assert (tmp_path / "m.onnx").stat().st_size > 0
+
+
+def test_bits_allocation_and_pruning_run_on_the_gpu(data):
+    """--avg-bits (label-free sensitivity on the GPU) and filter pruning + re-normalization, on cuda."""
+    calib, test = data
+    results = {}
+    for device in ("cpu", "cuda"):
+        loaded = load_model("fmnist-mobilenet_v2")
+        loaded.model.to(device)
+        config = Config(wbits=4, scheme="uniform", avg_bits=3.5, sensitivity_images=16, num_images=200,
+                        prune=0.2, prune_type="filter")
+        result = compress(loaded, calib, config, test)
+        results[device] = result
+        assert next(result.model.parameters()).device.type == device
+    bits = [{row["layer"]: row["bits"] for row in results[d].report["weights"]} for d in ("cpu", "cuda")]
+    print("bits chosen on cpu and gpu equal:", bits[0] == bits[1],
+          {d: results[d].report["accuracy"]["renormalized"]["top1"] for d in results})
+    assert abs(results["cpu"].report["accuracy"]["renormalized"]["top1"]
+               - results["cuda"].report["accuracy"]["renormalized"]["top1"]) <= 1.0

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from renorm.data import Batches
+from renorm.device import model_device
 from renorm.errors import RenormError
 from renorm.forward import eval_mode, forward
 from renorm.quantize.weights import ATTRIBUTE, MASK_ATTRIBUTE, QuantizedWeight, nearest_codes
@@ -280,7 +281,8 @@ def _reconstruct(work: nn.Module, reference: nn.Module, images: Any, config: Rec
                               "was quantized (after the same pruning)")
     stream = Batches(images, batch_size, False)
     count = count_images(images if not isinstance(images, Batches) else images.data, config.num_images)
-    example = stream.first(1)
+    device = model_device(work)  # images go where the model is: the passes below call the model directly
+    example = stream.first(1).to(device)
     order, sinks = _trace(work, example, set(quantized))
     layers = [Layer(name, quantized[name], reference_modules[name],
                      modules.get(sinks[name]) if name in sinks else None,
@@ -288,7 +290,7 @@ def _reconstruct(work: nn.Module, reference: nn.Module, images: Any, config: Rec
     sampler = Sampler(layers, count, config)
 
     def chunks():
-        return limited(stream, count, chunk)
+        return (images.to(device) for images in limited(stream, count, chunk))
 
     cached = sample_reference(layers, reference, chunks, sampler)
 

@@ -126,7 +126,7 @@ def _rows(x: torch.Tensor, site: _Site, count: int, generator: torch.Generator) 
     if site.kind == "linear":
         rows = x.reshape(-1, x.shape[-1])
         if len(rows) > count:
-            rows = rows[torch.randperm(len(rows), generator=generator, device=generator.device)[:count]]
+            rows = rows[torch.randperm(len(rows), generator=generator, device=generator.device)[:count].to(x.device)]
         return rows[None]
     if x.dim() != 4:
         raise RenormError("reconstruction supports 2-D convolutions and linear layers; use --reconstruct-method "
@@ -152,6 +152,8 @@ def _rows(x: torch.Tensor, site: _Site, count: int, generator: torch.Generator) 
     rows_index = top[..., None] + offsets_h  # (n, P, kh*kw)
     cols_index = left[..., None] + offsets_w
     image_index = torch.arange(n, device=generator.device)[:, None, None]
+    # positions drawn on the generator's device (the CPU: the same rows wherever the model runs)
+    image_index, rows_index, cols_index = (t.to(x.device) for t in (image_index, rows_index, cols_index))
     patches = x.permute(0, 2, 3, 1)[image_index, rows_index, cols_index]  # (n, P, kh*kw, C)
     patches = patches.reshape(n * per_image, kh * kw, site.groups, channels // site.groups)
     # weight (out, C/groups, kh, kw) flattens channel-major: K index = c * kh*kw + k
