@@ -23,7 +23,7 @@ renorm() { python3 -c "from renorm.cli import main; raise SystemExit(main())" "$
 { nvidia-smi -L; python3 -c "import torch, torchvision; print(torch.__version__, torchvision.__version__, torch.cuda.get_device_name(), torch.get_num_threads(), 'threads')"; nproc; } 2>&1 | tee "$out/machine.log"
 
 if want tests; then echo "== 1. tests"; start=$SECONDS
-python3 -m pytest -q -s -p no:cacheprovider tests/test_cuda.py ${TESTS:-tests/test_device.py tests/test_distributed.py} 2>&1 | tee "$out/tests.log"
+python3 -m pytest -q -s -p no:cacheprovider tests/test_cuda.py ${TESTS-tests/test_device.py tests/test_distributed.py} 2>&1 | tee "$out/tests.log"
 echo "tests: $((SECONDS - start)) s"; fi
 
 if want scale; then echo "== 2. scale: resnet50, 1000 images, 224 px"; start=$SECONDS
