@@ -169,7 +169,7 @@ def solve_gptq(problem: Problem, rounds: int = 2) -> tuple[torch.Tensor, torch.T
 
 def _neighbours(x: torch.Tensor, scheme: str, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Grid levels just below and just above |x| (x in units of the scale), as magnitudes."""
-    magnitudes = level_magnitudes(scheme, bits).to(x.dtype)
+    magnitudes = level_magnitudes(scheme, bits).to(x.device, x.dtype)
     top = float(magnitudes[-1])
     size = x.abs().clamp(max=top)
     index = (torch.searchsorted(magnitudes, size.contiguous(), right=True) - 1).clamp(0, len(magnitudes) - 1)
