@@ -98,10 +98,11 @@ def _batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     reduces over contiguous memory about 4x faster than its Welford kernel
     (`batch_norm_update_stats`), combined per channel in float64. Their error grows
     with mean^2 / variance; a batch where some channel exceeds _CANCEL is measured
-    again with the Welford kernel.
+    again with the Welford kernel. On a GPU the Welford kernel is used directly: the check
+    above reads a value back to the CPU, which stalls the GPU's queue at every BatchNorm.
     """
     x = x.detach()
-    if x.dim() > 2 and x.is_contiguous() and x.dtype == torch.float32:
+    if x.dim() > 2 and x.is_contiguous() and x.dtype == torch.float32 and x.device.type == "cpu":
         rows = x.reshape(x.shape[0], x.shape[1], -1)
         per = rows.shape[-1] * rows.shape[0]
         mean = rows.sum(-1).double().sum(0) / per
