@@ -89,6 +89,8 @@ def test_allocate_bits_meets_the_budget_and_plots(tmp_path):
     (["--frontier", "f.png"], "add --avg-bits"),
     (["--reconstruct-method", "magic"], "invalid choice"),
     (["--reconstruct", "--reconstruct-images", "0"], "at least 1"),
+    (["--reconstruct", "--reconstruct-damping", "-1"], "--reconstruct-damping '-1': give a number >= 0"),
+    (["--reconstruct", "--reconstruct-damping", "lots"], "or auto"),
 ])
 def test_bad_bit_and_reconstruction_options_exit_2_before_any_pass(flags, fragment, capsys, tmp_path, monkeypatch):
     from renorm import cli
@@ -102,3 +104,16 @@ def test_bad_bit_and_reconstruction_options_exit_2_before_any_pass(flags, fragme
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and fragment in err[0], err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("text,damping", [("auto", "auto"), ("AUTO", "auto"), ("0.3", 0.3), ("0", 0.0)])
+def test_reconstruct_damping_reaches_the_reconstruction(text, damping):
+    from renorm import cli
+
+    args = cli.build_parser().parse_args(["compress", "fmnist-resnet18", "--calib", "fashion-mnist-mini:train",
+                                          "--reconstruct", "--reconstruct-damping", text])
+    assert cli.parse_damping(args.reconstruct_damping) == damping
+    from renorm.api import Config
+
+    config = Config(reconstruct="gptq", reconstruct_damping=cli.parse_damping(args.reconstruct_damping))
+    assert config.reconstruct_config().damping == damping

@@ -60,6 +60,7 @@ class Config:
     avg_bits: float | None = None  # allocate bits per layer to this average (label-free sensitivity)
     reconstruct: str = "none"  # a method of renorm.reconstruct, or none
     reconstruct_images: int = 256
+    reconstruct_damping: float | str = 0.1  # see ReconstructConfig.damping
     sensitivity_images: int = 32  # calibration images that measure each layer's sensitivity for avg_bits
     threads: int | None = None  # torch's CPU threads while compress runs (None: as they are); see renorm.device
 
@@ -89,7 +90,8 @@ class Config:
                                  layer_bits=tuple(self.layer_bits) + tuple(extra_bits))
 
     def reconstruct_config(self) -> ReconstructConfig:
-        return ReconstructConfig(method=self.reconstruct, num_images=self.reconstruct_images, seed=self.seed)
+        return ReconstructConfig(method=self.reconstruct, num_images=self.reconstruct_images, seed=self.seed,
+                                 damping=self.reconstruct_damping)
 
     def prune_config(self):
         from renorm.prune import PruneConfig

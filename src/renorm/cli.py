@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="turn it on with this method instead")
     rc.add_argument("--reconstruct-images", type=int, default=256,
                     help="calibration images used for reconstruction (default 256)")
+    rc.add_argument("--reconstruct-damping", default="0.1", metavar="D|auto",
+                    help="ridge on each layer's curvature, in units of its mean diagonal (default 0.1); auto: "
+                         "chosen per layer by cross-validation over two folds of the images")
     r = compress.add_argument_group("re-normalization")
     r.add_argument("--renorm", default="exact", choices=MODES, help="exact (default: re-estimate from the "
                    "images), shift (correct the trained statistics by the shift compression caused; for few or "
@@ -196,7 +199,8 @@ def run_compress(args: argparse.Namespace) -> int:
                     prune_budget=args.prune_budget, prune_exclude=tuple(args.prune_exclude),
                     prune_first_last=args.prune_first_last, prune_depthwise=args.prune_depthwise,
                     layer_bits=parse_layer_bits(args.layer_bits), avg_bits=args.avg_bits, reconstruct=method,
-                    reconstruct_images=args.reconstruct_images, threads=args.threads)
+                    reconstruct_images=args.reconstruct_images, threads=args.threads,
+                    reconstruct_damping=parse_damping(args.reconstruct_damping))
     _check_outputs(args, (args.model, args.weights), "--out", "--report", "--frontier", "--onnx")
     if args.onnx:
         _check_onnx_options(args.wbits, args.scheme, args.abits)
@@ -352,6 +356,19 @@ def _check_outputs(args: argparse.Namespace, inputs: Sequence[str | None], *flag
         for other, other_path in given[index + 1:]:
             if path == other_path:
                 raise RenormError(f"{flag} and {other} name the same file {path}; give two file names")
+
+
+def parse_damping(text: str) -> float | str:
+    """--reconstruct-damping: 'auto' or a number >= 0."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise RenormError(f"--reconstruct-damping {text!r}: give a number >= 0 (e.g. 0.1) or auto")
+    return value
 
 
 def _runtime_record(args: argparse.Namespace, images: Any) -> dict[str, Any]:
