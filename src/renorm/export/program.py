@@ -5,7 +5,8 @@ saved as the program torch.export traces from it: a graph of aten operators, no 
 class to import or unpickle. The program is traced from the compressed model, so it
 computes what that model computes (its activation quantizers included); every parameter
 and buffer in it is stripped to a zero-stride view of one element, so that the renorm
-file's packed codes and state_dict stay the one copy of the weights.
+file's packed codes and state_dict stay the one copy of the weights. The archive is
+xz-compressed (its JSON graph shrinks ~40x: 0.79 MB -> 15 kB for mobilenet_v2).
 
 Loading checks that the archive holds nothing torch.export would unpickle (tensor
 subclasses, script or opaque objects) and reads it with torch's weights-only unpickler
@@ -17,6 +18,7 @@ import contextlib
 import copy
 import io
 import json
+import lzma
 import os
 import types
 import warnings
@@ -36,8 +38,11 @@ class NotExportable(Exception):
     """torch.export could not trace the model; the message says why, in one line."""
 
 
+MAX_ARCHIVE = 1 << 30  # bytes a program may unpack to: a bound against a crafted file
+
+
 def export_program(model: nn.Module, example: torch.Tensor) -> bytes:
-    """The torch.export.save archive of `model` traced on `example`, every tensor stripped.
+    """The torch.export.save archive of `model` traced on `example`, every tensor stripped, xz-compressed.
 
     The batch and the image size are left free where the model allows it. Raises
     NotExportable when torch.export cannot trace the model.
@@ -60,7 +65,7 @@ def export_program(model: nn.Module, example: torch.Tensor) -> bytes:
         program.example_inputs = None
         buffer = io.BytesIO()
         torch.export.save(program, buffer)
-    return buffer.getvalue()
+    return lzma.compress(buffer.getvalue(), preset=6)
 
 
 def load_program(data: bytes, where: str) -> nn.Module:
@@ -70,6 +75,7 @@ def load_program(data: bytes, where: str) -> nn.Module:
     (load_state_dict). The module is in eval mode and stays there: a traced program
     has no training mode.
     """
+    data = _decompress(data, where)
     _check_nothing_pickled(data, where)
     try:
         with _weights_only(), warnings.catch_warnings():
@@ -99,6 +105,18 @@ def _set_training_flags(self: nn.Module, mode: bool = True) -> nn.Module:
     for module in self.modules():
         module.training = mode
     return self
+
+
+def _decompress(data: bytes, where: str) -> bytes:
+    decompressor = lzma.LZMADecompressor()
+    try:
+        archive = decompressor.decompress(data, max_length=MAX_ARCHIVE)
+    except lzma.LZMAError as error:
+        raise RenormError(f"the torch.export program in {where} is damaged ({error})") from None
+    if not decompressor.eof:
+        raise RenormError(f"the torch.export program in {where} is cut short or unpacks to over "
+                          f"{MAX_ARCHIVE >> 20} MB; write the file again with renorm compress --out")
+    return archive
 
 
 def _check_nothing_pickled(data: bytes, where: str) -> None:
