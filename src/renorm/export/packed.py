@@ -72,15 +72,19 @@ def unpack_mask(packed: dict[str, Any]) -> torch.Tensor:
     return torch.from_numpy(bits).reshape(packed["shape"])
 
 
-def save_compressed(path: str | Path, model: nn.Module, loaded: LoadedModel, preset: Preset | None = None,
-                    protected: list[str | Path] = (), example: torch.Tensor | None = None) -> int:
+def save_compressed(path: str | Path, model: nn.Module, loaded: LoadedModel | None = None,
+                    preset: Preset | None = None, protected: list[str | Path] = (),
+                    example: torch.Tensor | None = None) -> int:
     """Write `model` to `path` atomically; return the file size in bytes.
 
+    loaded: what `model` was compressed from (renorm.load_model's result: its spec rebuilds
+    the architecture); None for a model of one's own, stored as a torch.export program.
     protected: input files that must never be overwritten (the input model, its weights).
     example: a batch of input images to trace a model that no spec names (default: zeros
     of the preset's input size, 224 px without a preset).
     """
     check_output(path, "--out", protected)
+    loaded = loaded or LoadedModel(model, type(model).__name__, None)
     kind = loaded.source.get("kind")
     if kind == "torchscript":
         raise RenormError("a TorchScript input cannot be saved as a renorm file; load the model as "

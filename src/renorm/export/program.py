@@ -47,7 +47,7 @@ def export_program(model: nn.Module, example: torch.Tensor) -> bytes:
     The batch and the image size are left free where the model allows it. Raises
     NotExportable when torch.export cannot trace the model.
     """
-    traced = copy.deepcopy(model).eval()
+    traced = copy.deepcopy(model).cpu().eval()
     for module in traced.modules():  # codes and masks are kept in the renorm file, packed
         module._buffers.pop(MASK_ATTRIBUTE, None)
         module._modules.pop(ATTRIBUTE, None)  # else torch.export keeps its buffers as constants
