@@ -63,7 +63,7 @@ def test_a_user_module_is_saved_as_a_program_and_reloads_exactly_without_trust(t
     images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     model = compressed(user_network(), images, filter_prune)
     path = tmp_path / "user.pt"
-    save_compressed(path, model, LoadedModel(model, "Network", None), example=images[:2])
+    save_compressed(path, model, LoadedModel(model, "Network", None), example=images[:1])  # batch 1 too
     payload = torch.load(path, weights_only=True)  # nothing pickled: a plain dict of tensors and strings
     assert "module" not in payload and payload["source"]["kind"] == "program"
     assert payload["source"]["class"].endswith("user_network.<locals>.Network")
@@ -152,6 +152,16 @@ def test_a_program_holding_pickled_entries_is_refused_before_torch_reads_it(tmp_
         load_program(lzma.compress(tampered.getvalue()), "m.pt")
     with pytest.raises(RenormError, match="is damaged"):
         load_program(b"not xz at all", "m.pt")
+
+
+def test_torch_export_load_runs_with_the_weights_only_unpickler_forced(tmp_path):
+    """torch.export.load itself asks torch.load for weights_only=False on some entries: renorm overrides it."""
+    from renorm.export.program import _weights_only
+
+    torch.save(SmallNet(), tmp_path / "whole.pt")
+    with _weights_only(), pytest.raises(Exception, match="[Ww]eights only load failed"):
+        torch.load(tmp_path / "whole.pt", weights_only=False)
+    assert isinstance(torch.load(tmp_path / "whole.pt", weights_only=False), SmallNet)  # and only inside
 
 
 def test_a_program_model_is_evaluated_not_compressed_or_exported_to_onnx(tmp_path):

@@ -121,8 +121,11 @@ def _architecture_without_spec(model: nn.Module, loaded: LoadedModel, preset: Pr
     if example is None:
         size = preset.input_size if preset else 224
         example = torch.zeros(2, 3, size, size)
+    example = example.detach().cpu().float()
+    if len(example) < 2:  # traced on one image, the program would take batches of one alone
+        example = torch.cat([example[:1], example[:1]])
     try:
-        program = export_program(model, example.detach().cpu().float())
+        program = export_program(model, example)
     except NotExportable as error:
         warnings.warn(f"torch.export cannot trace {type(model).__name__} ({error}); the file pickles the whole "
                       "module instead (larger; loading it needs --trust-pickle)", stacklevel=3)
