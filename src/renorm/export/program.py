@@ -51,20 +51,20 @@ def export_program(model: nn.Module, example: torch.Tensor) -> bytes:
     for module in traced.modules():  # codes and masks are kept in the renorm file, packed
         module._buffers.pop(MASK_ATTRIBUTE, None)
         module._modules.pop(ATTRIBUTE, None)  # else torch.export keeps its buffers as constants
-    free = torch.export.Dim.AUTO
+    buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
+        try:  # an older torch (no Dim.AUTO, no pt2 archive) lands here too
+            free = torch.export.Dim.AUTO
             program = torch.export.export(traced, (example,), dynamic_shapes=({0: free, 2: free, 3: free},))
+            for name, tensor in list(program.state_dict.items()):
+                stripped = torch.zeros((), dtype=tensor.dtype).expand(tensor.shape)
+                program.state_dict[name] = (nn.Parameter(stripped, requires_grad=tensor.requires_grad)
+                                            if isinstance(tensor, nn.Parameter) else stripped)
+            program.example_inputs = None
+            torch.export.save(program, buffer)
         except Exception as error:  # noqa: BLE001 - torch.export raises many kinds
             raise NotExportable(one_line(error)[:200]) from None
-        for name, tensor in list(program.state_dict.items()):
-            stripped = torch.zeros((), dtype=tensor.dtype).expand(tensor.shape)
-            program.state_dict[name] = (nn.Parameter(stripped, requires_grad=tensor.requires_grad)
-                                        if isinstance(tensor, nn.Parameter) else stripped)
-        program.example_inputs = None
-        buffer = io.BytesIO()
-        torch.export.save(program, buffer)
     return lzma.compress(buffer.getvalue(), preset=6)
 
 
