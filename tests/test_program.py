@@ -194,3 +194,24 @@ def test_compress_out_of_a_pickled_module_writes_a_file_that_evaluate_opens_with
     capsys.readouterr()
     assert cli.main(["evaluate", str(tmp_path / "q.pt"), "--data", str(tmp_path / "labeled"), *common]) == 0
     assert "top-1" in capsys.readouterr().out
+
+
+class WithConstant(SmallNet):
+    """A tensor made in forward: torch.export lifts it into a constant of the program."""
+
+    def forward(self, x):
+        return super().forward(x) * torch.tensor(0.5)
+
+
+def test_a_programs_constants_move_with_the_model(tmp_path):
+    torch.manual_seed(0)
+    model = quantize_weights(perturbed(WithConstant()), WeightQuantConfig(bits=4, first_last_bits=0))
+    save_compressed(tmp_path / "c.pt", model, example=torch.zeros(2, 3, 16, 16))
+    reloaded = load_model(str(tmp_path / "c.pt")).model
+    constants = [name for name, b in reloaded.named_buffers() if name.startswith("lifted_tensor")]
+    assert constants and set(reloaded.state_dict()) == set(model.state_dict())  # buffers, not persistent
+    doubled = reloaded.to(torch.float64)  # .to() reaches the constants (as it would a GPU)
+    assert all(b.dtype == torch.float64 for b in doubled.buffers() if b.is_floating_point())
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(doubled(x.double()).float(), model(x), atol=1e-5)

@@ -94,6 +94,11 @@ def load_program(data: bytes, where: str) -> nn.Module:
             owner._parameters[attribute] = nn.Parameter(fresh, requires_grad=tensor.requires_grad)
         else:
             owner._buffers[attribute] = fresh
+    for owner in module.modules():  # lifted constants are plain attributes: as buffers, .to(device) moves them
+        for attribute, value in list(vars(owner).items()):
+            if isinstance(value, torch.Tensor):
+                delattr(owner, attribute)
+                owner.register_buffer(attribute, value, persistent=False)
     # torch.export's module refuses train()/eval(); the graph is the eval-mode one whatever the flag
     module.train = types.MethodType(_set_training_flags, module)
     module.eval = types.MethodType(lambda self: self.train(False), module)
