@@ -171,6 +171,8 @@ def test_timm_preset_from_pretrained_cfg_and_its_interpolation():
                           "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)})
     assert (preset.resize, preset.crop, preset.mean, preset.std) == (266, 240, (0.5,) * 3, (0.25,) * 3)
     assert timm_preset({}).crop == 224 and timm_preset({}).resize == 256  # timm's defaults: crop_pct 0.875
+    # files with a bilinear preset say nothing of it: renorm versions before interpolation read them
+    assert preset.describe()["interpolation"] == "bicubic" and "interpolation" not in timm_preset({}).describe()
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
     expected = T.Normalize(preset.mean, preset.std)(T.ToTensor()(T.CenterCrop(240)(
         T.Resize(266, interpolation=T.InterpolationMode.BICUBIC)(image))))

@@ -40,8 +40,13 @@ class Preset:
         return T.Compose(steps)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "resize": self.resize, "crop": self.crop, "pad": self.pad,
-                "mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation}
+        """The fields as plain values; interpolation only when not bilinear, so that files with the
+        usual presets stay readable by renorm versions that predate it."""
+        described = {"name": self.name, "resize": self.resize, "crop": self.crop, "pad": self.pad,
+                     "mean": list(self.mean), "std": list(self.std)}
+        if self.interpolation != "bilinear":
+            described["interpolation"] = self.interpolation
+        return described
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
