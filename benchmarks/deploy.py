@@ -1,6 +1,6 @@
 """Deployment: parity of renorm's INT8 ONNX graph with its PyTorch model, and its speed in ONNX Runtime.
 
-    python -m benchmarks.deploy [--parts parity speed] [--quick]
+    python -m benchmarks.deploy [--parts parity speed files] [--quick]
 
 parity: both Fashion-MNIST reference models, W8A8 uniform, W4A8 pow2 and W4A8 uniform
 (renorm compress defaults otherwise: 1000 calibration images, 400 for activations, exact
@@ -19,6 +19,14 @@ Latency: median of timed runs after 3 warm-up runs, batch 1 (30 runs) and 32 (8 
 `intra_op_num_threads` = RENORM_BENCH_THREADS (default 2); file sizes in MB (10^6 bytes).
 The three sessions of a model are timed interleaved, run by run, so that the load of a
 shared machine moves all three alike; the ratios are the numbers to read.
+
+files: the size of renorm's own `--out` file at W4 (pow2 4-bit weights; first and last
+layer uniform 8-bit, the compress defaults, or uniform 4-bit) against the fp32 state_dict, for the speed
+models, a timm resnet18 and a user-defined nn.Module (a VGG-style CNN defined here, so
+that no spec names it): the file that rebuilds the architecture from its spec, the one
+that stores it as a torch.export program, and the whole pickled module (what `--out`
+wrote for such models before; now only where torch.export fails). Each program file is
+loaded back (without trust_pickle) and must give outputs equal to the compressed model's.
 """
 from __future__ import annotations
 
@@ -41,7 +49,7 @@ from renorm.export.onnx_qdq import export_onnx
 from renorm.export.onnx_runtime import OnnxModule, integer_operators, session
 from renorm.models import load_model
 
-PARTS = ("parity", "speed")
+PARTS = ("parity", "speed", "files")
 SETTINGS = {"W8A8 uniform": (8, "uniform"), "W4A8 pow2": (4, "pow2"), "W4A8 uniform": (4, "uniform")}
 SPEED_MODELS = ("resnet18", "mobilenet_v2", "resnet50", "efficientnet-lite0")
 FLOAT_OPS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul")
@@ -171,6 +179,107 @@ SPEED_HEADER = ["model", "b1 FP32 ms", "b1 renorm INT8 ms", "x", "b1 ORT INT8 ms
                 "integer kernels (renorm)", "float convs"]
 
 
+class CustomNet(torch.nn.Module):
+    """A user's own CNN (no spec names it): VGG-style stages of conv-BN-ReLU, global pool, linear."""
+
+    def __init__(self, classes: int = 1000):
+        super().__init__()
+        layers, width = [], 3
+        for out, stride in ((64, 2), (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1)):
+            layers += [torch.nn.Conv2d(width, out, 3, stride, 1, bias=False), torch.nn.BatchNorm2d(out),
+                       torch.nn.ReLU(inplace=True)]
+            width = out
+        self.features = torch.nn.Sequential(*layers)
+        self.head = torch.nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean((2, 3)))
+
+
+FILE_SETTINGS = {"W4, first/last 8-bit": 8, "W4 everywhere": 4}
+FILE_MODELS = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet-lite0", "timm:resnet18", "custom")
+
+
+def _file_model(name: str):
+    """(LoadedModel, whether a spec rebuilds it); None when not installed."""
+    from renorm.checkpoint import LoadedModel
+
+    torch.manual_seed(0)
+    if name == "custom":
+        return LoadedModel(CustomNet().eval(), "CustomNet", None), False
+    try:
+        loaded = load_model(name if ":" in name or name.startswith("efficientnet") else f"torchvision:{name}")
+    except Exception:  # noqa: BLE001 - renorm[zoo] or timm missing
+        return None
+    return loaded, True
+
+
+def files(folder: Path, models: list[str]) -> tuple[list, dict]:
+    from renorm.quantize.weights import WeightQuantConfig, quantize_weights
+
+    rows, data = [], {}
+    for name in models:
+        found = _file_model(name)
+        if found is None:
+            print(f"{name}: not installed, skipped", flush=True)
+            continue
+        loaded, by_spec = found
+        fp32_path = folder / f"{name.replace(':', '-')}-fp32.pt"
+        torch.save(loaded.model.state_dict(), fp32_path)
+        fp32 = fp32_path.stat().st_size
+        for setting, first_last in FILE_SETTINGS.items():
+            model = quantize_weights(loaded.model, WeightQuantConfig(bits=4, scheme="pow2", first_last_bits=first_last))
+            row, data[f"{name} {setting}"] = _file_row(name, setting, loaded, model, by_spec, fp32, folder)
+            rows.append(row)
+            print(markdown_table(FILES_HEADER, [row]).splitlines()[-1], flush=True)
+    return rows, data
+
+
+def _file_row(name: str, setting: str, loaded, model: torch.nn.Module, by_spec: bool, fp32: int,
+              folder: Path) -> tuple[list, dict]:
+    import warnings
+    from unittest import mock
+
+    from renorm.export import save_compressed
+    from renorm.export.program import NotExportable
+
+    example = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    bare = type(loaded)(model, loaded.spec, loaded.preset, loaded.num_classes, {})  # as if no spec named it
+    sizes = {"spec": save_compressed(folder / "spec.pt", model, loaded, example=example) if by_spec else None}
+    start = time.perf_counter()
+    sizes["program"] = save_compressed(folder / "program.pt", model, bare, example=example)
+    seconds = time.perf_counter() - start
+    reloaded = load_model(str(folder / "program.pt")).model
+    with torch.no_grad():
+        exact = bool(torch.equal(reloaded(example), model(example)))
+    with warnings.catch_warnings(), mock.patch("renorm.export.packed.export_program",
+                                               side_effect=NotExportable("benchmark: the pickle path")):
+        warnings.simplefilter("ignore")
+        sizes["pickle"] = save_compressed(folder / "pickle.pt", model, bare, example=example)
+    cells = [name, setting, fp32 / 1e6, fp32 / _smallest_possible(model)]
+    for key in ("spec", "program", "pickle"):
+        cells += [sizes[key] / 1e6, fp32 / sizes[key]] if sizes[key] else ["-", "-"]
+    row = [*cells, "yes" if exact else "NO", round(seconds, 1)]
+    return row, {"fp32_bytes": fp32, **{f"{k}_bytes": v for k, v in sizes.items()}, "program_exact": exact,
+                 "program_save_seconds": seconds}
+
+
+def _smallest_possible(model: torch.nn.Module) -> float:
+    """Bytes of the codes at their bits plus every other tensor of the state_dict as it is: no file holds less."""
+    from renorm.quantize.weights import ATTRIBUTE
+
+    quantized = {name: q for name, m in model.named_modules() if (q := getattr(m, ATTRIBUTE, None)) is not None}
+    codes = sum(q.codes.numel() * q.bits / 8 for q in quantized.values())
+    weights = {f"{name}.weight" for name in quantized}
+    rest = sum(t.numel() * t.element_size() for k, t in model.state_dict().items() if k not in weights)
+    return codes + rest
+
+
+FILES_HEADER = ["model", "setting", "fp32 state_dict MB", "fp32 / (codes + other tensors)", "W4 by spec MB",
+                "fp32 / file", "W4 program MB", "fp32 / file",
+                "W4 pickled module MB", "fp32 / file", "program reloads exactly", "program save s"]
+
+
 def render(data: dict) -> str:
     """The markdown of every part in `data` (each part keeps the command and provenance it ran with)."""
     body = []
@@ -187,6 +296,15 @@ def render(data: dict) -> str:
                  f"1-minute load average {before:.2f} before, {after:.2f} after (2 cores, shared); x = FP32 latency / "
                  "INT8 latency, measured interleaved in the same run; MB = 10^6 bytes",
                  markdown_table(SPEED_HEADER, part["rows"])]
+    if "rows" in data.get("files", {}):
+        part = data["files"]
+        body += [f"### renorm files (`--out`) at W4 against the fp32 state_dict\n\n`{part['command']}` "
+                 f"({part['provenance']}); W4 = pow2 4-bit weights, the first and last layer uniform 8-bit (the "
+                 "compress defaults) or uniform 4-bit too (`--first-last-bits 4`); random weights, seeded "
+                 "(EfficientNet-Lite0: its real ones); MB = 10^6 bytes; fp32 / file: how many times smaller the file is (target: "
+                 ">= 6); fp32 / (codes + other tensors): the most any file can reach without compressing the codes or "
+                 "the float tensors (BatchNorm statistics, biases)",
+                 markdown_table(FILES_HEADER, part["rows"])]
     return "\n\n".join(body)
 
 
@@ -194,6 +312,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--models", nargs="+", choices=SPEED_MODELS, default=list(SPEED_MODELS))
+    parser.add_argument("--file-models", nargs="+", choices=FILE_MODELS, default=list(FILE_MODELS))
     parser.add_argument("--quick", action="store_true", help="1000 test images, 200 calibration images, fewer runs")
     args = parser.parse_args()
     name = "deploy" + ("_quick" if args.quick else "")
@@ -209,6 +328,9 @@ def main() -> None:
             rows, extra = speed(args.quick, Path(folder), args.models)
             data["speed"] = {"rows": rows, "threads": THREADS, "details": extra,
                              "load_average": {"before": load, "after": os.getloadavg()}, **stamp}
+        if "files" in args.parts:
+            rows, extra = files(Path(folder), args.file_models)
+            data["files"] = {"rows": rows, "details": extra, **stamp}
     write_result(name, "Deployment: renorm INT8 ONNX in ONNX Runtime", command_line(), render(data), data)
 
 

@@ -101,6 +101,13 @@ def ws(tmp_path_factory) -> Path:
         torch.save(model.eval(), root / name)
     traced = torch.jit.trace(SmallNet().eval(), torch.randn(1, 3, 16, 16))
     torch.jit.save(traced, str(root / "ts.pt"))
+    from renorm.checkpoint import LoadedModel
+    from renorm.export import save_compressed
+    from renorm.quantize.weights import WeightQuantConfig, quantize_weights
+
+    quantized = quantize_weights(SmallNet().eval(), WeightQuantConfig(bits=4, first_last_bits=0))
+    save_compressed(root / "program.pt", quantized, LoadedModel(quantized, "SmallNet", None),
+                    example=torch.zeros(2, 3, 16, 16))  # a model no spec names: a torch.export program
     return root
 
 
@@ -120,6 +127,13 @@ CLI: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "missing model file": (lambda w: ["compress", str(w / "nope.pt"), "--calib", str(w / "photos")], "unknown model"),
     "unknown torchvision name": (lambda w: ["compress", "torchvision:resnet19", "--calib", str(w / "photos")],
                                  "torchvision has no classification model 'resnet19'"),
+    "unknown timm name": (lambda w: ["compress", "timm:resnet19", "--calib", str(w / "photos")],
+                          "timm has no model 'resnet19' (did you mean resnet18"),
+    "timm weights of another architecture": (lambda w: ["compress", "timm:resnet18", "--num-classes", "3", "--weights",
+                                                        str(w / "mobilenet.pt"), "--calib", str(w / "photos")],
+                                             "do not fit timm:resnet18"),
+    "compress a renorm program file": (lambda w: ["compress", str(w / "program.pt"), "--calib", str(w / "photos"),
+                                                  "--resize", "16", "--crop", "16"], "holds a traced program"),
     "JPEG as the model": (lambda w: ["compress", str(w / "photo.jpg"), "--calib", str(w / "photos")],
                           "is a JPEG image, not a model"),
     "JPEG as the model, trusted": (lambda w: ["compress", str(w / "photo.jpg"), "--trust-pickle", "--calib",
@@ -242,6 +256,9 @@ CLI: dict[str, tuple[Callable[[Path], list[str]], str]] = {
                                                 "--sparsities", "0.5", "1.5"], "[0, 1)"),
     "sensitivity --renorm magic": (lambda w: ["sensitivity", *small(w), "--calib", str(w / "photos"), "--renorm",
                                               "magic"], "invalid choice"),
+    "sensitivity of a renorm program file": (lambda w: ["sensitivity", str(w / "program.pt"), "--calib",
+                                                        str(w / "photos"), "--resize", "16", "--crop", "16"],
+                                             "no conv/linear layer to prune"),
     "sensitivity --plot in a missing folder": (lambda w: ["sensitivity", *small(w), "--calib", str(w / "photos"),
                                                           "--plot", str(w / "out" / "no" / "s.png")],
                                                "does not exist"),
@@ -255,6 +272,8 @@ CLI: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "export without --onnx": (lambda w: ["export", *small(w)], "--onnx"),
     "export TorchScript": (lambda w: ["export", str(w / "ts.pt"), "--onnx", str(w / "out" / "m.onnx"), "--resize",
                                       "16", "--crop", "16"], "TorchScript"),
+    "export a renorm program file": (lambda w: ["export", str(w / "program.pt"), "--onnx", str(w / "out" / "m.onnx"),
+                                                "--resize", "16", "--crop", "16"], "torch.export program"),
     "export a model with an op ONNX lacks": (lambda w: ["export", *pickled(w, "cummax.pt"), "--onnx",
                                                         str(w / "out" / "m.onnx")], "aten::cummax"),
     "compress --onnx with 5-bit pow2": (lambda w: ["compress", *small(w), "--calib", str(w / "photos"), "--wbits", "5",

@@ -1,6 +1,9 @@
 """Model specs -> modules: torchvision, reference models, EfficientNet-Lite, files."""
 from __future__ import annotations
 
+import sys
+
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -104,3 +107,75 @@ def test_files_that_are_not_torch_files_are_named_before_torch_reads_them(tmp_pa
 def test_torchvision_without_weights_says_the_weights_are_random():
     with pytest.warns(UserWarning, match="torchvision:resnet18 has random weights: no --weights given"):
         load_model("torchvision:resnet18", num_classes=3)
+
+
+def _timm_weights(tmp_path, name: str = "resnet18", classes: int = 3):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    source = timm.create_model(name, pretrained=False, num_classes=classes).eval()
+    torch.save(source.state_dict(), tmp_path / "timm.pt")
+    return source, tmp_path / "timm.pt"
+
+
+def test_timm_spec_builds_offline_and_takes_the_weights_file(tmp_path):
+    source, weights = _timm_weights(tmp_path)
+    loaded = load_model("timm:resnet18", weights=str(weights), num_classes=3)
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), source(x))
+    cfg = source.pretrained_cfg  # the preset comes from timm's pretrained_cfg
+    assert loaded.preset.crop == cfg["input_size"][-1] == 224 and loaded.preset.interpolation == "bicubic"
+    assert loaded.preset.resize == int(224 / cfg["crop_pct"]) and loaded.preset.mean == tuple(cfg["mean"])
+    assert loaded.source == {"kind": "timm", "name": "resnet18", "num_classes": 3}
+
+
+def test_timm_errors_name_the_problem_and_the_fix(tmp_path, monkeypatch):
+    _, weights = _timm_weights(tmp_path)
+    with pytest.raises(RenormError, match=r"timm has no model 'resnet19' \(did you mean resnet18"):
+        load_model("timm:resnet19")
+    with pytest.raises(RenormError, match=r"do not fit timm:resnet18: shape mismatch.*--num-classes"):
+        load_model("timm:resnet18", weights=str(weights))
+    with pytest.raises(RenormError, match="does not exist"):
+        load_model("timm:resnet18", weights=str(tmp_path / "none.pt"))
+    with pytest.warns(UserWarning, match="timm:resnet18 has random weights"):
+        load_model("timm:resnet18", num_classes=3)
+    monkeypatch.setitem(sys.modules, "timm", None)  # timm not installed
+    with pytest.raises(RenormError, match=r"timm:resnet18 needs timm: pip install 'renorm\[timm\]'"):
+        load_model("timm:resnet18", weights=str(weights), num_classes=3)
+
+
+def test_a_timm_file_rebuilds_by_spec(tmp_path):
+    from renorm.export import save_compressed
+    from renorm.quantize.weights import WeightQuantConfig, quantize_weights
+
+    _, weights = _timm_weights(tmp_path)
+    loaded = load_model("timm:resnet18", weights=str(weights), num_classes=3)
+    model = quantize_weights(loaded.model, WeightQuantConfig(bits=4))
+    save_compressed(tmp_path / "q.pt", model, loaded)
+    payload = torch.load(tmp_path / "q.pt", weights_only=True)
+    assert payload["source"]["kind"] == "timm" and "program" not in payload and "module" not in payload
+    reloaded = load_model(str(tmp_path / "q.pt"))
+    assert reloaded.preset == loaded.preset
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        assert torch.equal(reloaded.model(x), model(x))
+
+
+def test_timm_preset_from_pretrained_cfg_and_its_interpolation():
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from renorm.models import timm_preset
+
+    preset = timm_preset({"input_size": (3, 240, 240), "crop_pct": 0.9, "interpolation": "bicubic",
+                          "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)})
+    assert (preset.resize, preset.crop, preset.mean, preset.std) == (266, 240, (0.5,) * 3, (0.25,) * 3)
+    assert timm_preset({}).crop == 224 and timm_preset({}).resize == 256  # timm's defaults: crop_pct 0.875
+    # files with a bilinear preset say nothing of it: renorm versions before interpolation read them
+    assert preset.describe()["interpolation"] == "bicubic" and "interpolation" not in timm_preset({}).describe()
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    expected = T.Normalize(preset.mean, preset.std)(T.ToTensor()(T.CenterCrop(240)(
+        T.Resize(266, interpolation=T.InterpolationMode.BICUBIC)(image))))
+    assert torch.equal(preset.transform()(image), expected)
+    bilinear = T.Resize(266)(image)
+    assert not torch.equal(T.ToTensor()(bilinear), T.ToTensor()(T.Resize(266, T.InterpolationMode.BICUBIC)(image)))

@@ -18,6 +18,7 @@ from renorm.device import check_threads, threads
 from renorm.data import Batches, ImageSource, Preset, first_images, open_images, sample
 from renorm.errors import RenormError
 from renorm.evaluate import agreement, accuracy, images_counted, predict
+from renorm.export.program import MARK as PROGRAM_MARK
 from renorm.forward import as_logits, eval_mode, forward
 from renorm.layers import check_layer_names
 from renorm.models import LoadedModel, load_model
@@ -136,6 +137,9 @@ def _compress(loaded: LoadedModel, calib: Any, config: Config, eval_data: Any, p
     if loaded.source.get("kind") == "onnx" or type(fp32).__name__ == "OnnxModule":
         raise RenormError("an ONNX file can be evaluated but not compressed; compress the PyTorch model "
                           "(torchvision:NAME --weights FILE, or a renorm file) and export it with --onnx")
+    if loaded.source.get("kind") == "program" or getattr(fp32, PROGRAM_MARK, False):
+        raise RenormError(f"{loaded.spec} holds a traced program (torch.export) of a model renorm has no spec for: "
+                          "it can be evaluated but not compressed again; compress the original model instead")
     if isinstance(fp32, torch.jit.ScriptModule):
         raise RenormError("a TorchScript model can be evaluated but not compressed: PyTorch allows no hooks or "
                           "module surgery on it; load the eager model instead (torchvision:NAME --weights FILE)")

@@ -29,10 +29,12 @@ class _Parser(argparse.ArgumentParser):
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("model", help="torchvision:NAME, fmnist-resnet18, fmnist-mobilenet_v2, efficientnet-lite0, "
-                                     "or a model file (renorm output, TorchScript, pickled module)")
-    group.add_argument("--weights", help="state_dict file for torchvision:NAME (or a torchvision weights name)")
-    group.add_argument("--num-classes", type=int, help="classes of a torchvision model (default 1000)")
+    group.add_argument("model", help="torchvision:NAME, timm:NAME, fmnist-resnet18, fmnist-mobilenet_v2, "
+                                     "efficientnet-lite0, or a model file (renorm output, TorchScript, ONNX, "
+                                     "pickled module)")
+    group.add_argument("--weights", help="state_dict file for torchvision:NAME or timm:NAME (or a torchvision "
+                                         "weights name)")
+    group.add_argument("--num-classes", type=int, help="classes of a torchvision or timm model (default: its own)")
     group.add_argument("--trust-pickle", action="store_true",
                        help="allow loading a whole pickled nn.Module (unpickling runs code from the file)")
     pre = parser.add_argument_group("preprocessing (default: the model's own preset)")
@@ -139,9 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(evaluate)
     evaluate.add_argument("--data", required=True, help="images: labeled folder / fashion-mnist:test, or unlabeled")
     evaluate.add_argument("--reference", help="a reference model spec to measure agreement with")
-    evaluate.add_argument("--reference-weights", help="state_dict file for a torchvision:NAME reference "
+    evaluate.add_argument("--reference-weights", help="state_dict file for a torchvision:NAME or timm:NAME reference "
                           "(--weights applies to MODEL alone)")
-    evaluate.add_argument("--reference-num-classes", type=int, help="classes of a torchvision reference")
+    evaluate.add_argument("--reference-num-classes", type=int, help="classes of a torchvision or timm reference")
     _common_options(evaluate)
 
     sens = commands.add_parser("sensitivity", help="per-layer pruning sensitivity on unlabeled images")

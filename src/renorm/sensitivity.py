@@ -33,6 +33,9 @@ def sensitivity(model: nn.Module, images: Any, sparsities: Sequence[float] = (0.
         PruneConfig(s)  # validates the range
     if renorm not in MODES:
         raise RenormError(f"--renorm {renorm!r} is not a mode; choose one of {', '.join(MODES)}")
+    if not quantizable_layers(model):
+        raise RenormError("the model has no conv/linear layer to prune (a model rebuilt from a torch.export program "
+                          "is a traced graph); run sensitivity on the original model")
     reference_logits, _ = predict(model, images, batch_size)
     work = copy.deepcopy(model).eval()
     layers = quantizable_layers(work)

@@ -51,6 +51,7 @@ from renorm.images import Preset
 from renorm.quantize import activations
 from renorm.export.fold import fold_batchnorms
 from renorm.export.onnx_runtime import METADATA_KEY, OnnxModule, require, session
+from renorm.export.program import MARK as PROGRAM_MARK
 from renorm.quantize.weights import ATTRIBUTE, code_values
 
 OPSET = 17
@@ -408,6 +409,9 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor | None
     onnx = require("onnx")
     if isinstance(model, OnnxModule):
         raise RenormError(f"{model.path} is already an ONNX file; export the PyTorch model it came from")
+    if getattr(model, PROGRAM_MARK, False):
+        raise RenormError("a model rebuilt from a torch.export program cannot be exported to ONNX by renorm (its "
+                          "layers are a traced graph); give --onnx to the renorm compress run of the original model")
     if isinstance(model, torch.jit.ScriptModule):
         raise RenormError("a TorchScript model cannot be exported to ONNX by renorm (its quantizers and "
                           "BatchNorms cannot be edited); load the eager model instead")

@@ -1,13 +1,19 @@
 """Saving and loading compressed models.
 
 A renorm file is a plain torch.save of tensors, numbers and strings (it loads with
-weights_only=True, so opening one runs no code): how to rebuild the architecture (the
-model spec), the preprocessing preset, the state_dict without the quantized weights,
-and for each quantized layer its integer codes (packed two per byte at <= 4 bits) and
-per-channel scales, the activation quantizers, pruning masks and removed channels.
+weights_only=True, so opening one runs no code): how to rebuild the architecture, the
+preprocessing preset, the state_dict without the quantized weights, and for each
+quantized layer its integer codes (packed two per byte at <= 4 bits) and per-channel
+scales, the activation quantizers, pruning masks and removed channels.
+
+The architecture is a spec (torchvision, timm, the reference models, EfficientNet-Lite)
+where the model came from one; any other model is stored as a torch.export program with
+its tensors stripped (renorm.export.program). Only where torch.export cannot trace the
+model is the whole module pickled, with a warning; such a file loads with trust_pickle.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,12 +23,14 @@ from torch import nn
 from renorm import __version__
 from renorm.checkpoint import LoadedModel, apply_state_dict
 from renorm.errors import RenormError
+from renorm.export.program import NotExportable, export_program, load_program
 from renorm.files import check_output, write_atomic
 from renorm.images import Preset
 from renorm.quantize import activations
 from renorm.quantize.weights import ATTRIBUTE, MASK_ATTRIBUTE, QuantizedWeight, set_mask
 
 FORMAT = 1
+SPEC_KINDS = ("torchvision", "timm", "reference", "efficientnet-lite")  # rebuilt from the spec alone
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -64,17 +72,24 @@ def unpack_mask(packed: dict[str, Any]) -> torch.Tensor:
     return torch.from_numpy(bits).reshape(packed["shape"])
 
 
-def save_compressed(path: str | Path, model: nn.Module, loaded: LoadedModel, preset: Preset | None = None,
-                    protected: list[str | Path] = ()) -> int:
+def save_compressed(path: str | Path, model: nn.Module, loaded: LoadedModel | None = None,
+                    preset: Preset | None = None, protected: list[str | Path] = (),
+                    example: torch.Tensor | None = None) -> int:
     """Write `model` to `path` atomically; return the file size in bytes.
 
+    loaded: what `model` was compressed from (renorm.load_model's result: its spec rebuilds
+    the architecture); None for a model of one's own, stored as a torch.export program.
     protected: input files that must never be overwritten (the input model, its weights).
+    example: a batch of input images to trace a model that no spec names (default: zeros
+    of the preset's input size, 224 px without a preset).
     """
     check_output(path, "--out", protected)
+    loaded = loaded or LoadedModel(model, type(model).__name__, None)
     kind = loaded.source.get("kind")
     if kind == "torchscript":
         raise RenormError("a TorchScript input cannot be saved as a renorm file; load the model as "
                           "torchvision:NAME --weights FILE to get a file renorm can rebuild")
+    preset = preset or loaded.preset
     quantized = {name: q for name, m in model.named_modules() if (q := getattr(m, ATTRIBUTE, None)) is not None}
     skip = {f"{name}.weight" for name in quantized}
     payload: dict[str, Any] = {
@@ -83,7 +98,7 @@ def save_compressed(path: str | Path, model: nn.Module, loaded: LoadedModel, pre
         "spec": loaded.spec,
         "source": dict(loaded.source),
         "num_classes": loaded.num_classes,
-        "preset": (preset or loaded.preset).describe() if (preset or loaded.preset) else None,
+        "preset": preset.describe() if preset else None,
         "state_dict": {k: v for k, v in model.state_dict().items() if k not in skip},
         "quantized": {name: {"codes": pack_codes(q.codes, q.bits), "shape": list(q.codes.shape), "scale": q.scale,
                              "scheme": q.scheme, "bits": q.bits, "axis": q.axis,
@@ -94,10 +109,30 @@ def save_compressed(path: str | Path, model: nn.Module, loaded: LoadedModel, pre
                   if (m := getattr(module, MASK_ATTRIBUTE, None)) is not None},
         "pruned_channels": getattr(model, "_renorm_pruned_channels", None),
     }
-    if kind == "pickle":
-        payload["pickled_module"] = True
-    content = payload if kind != "pickle" else {**payload, "module": model}
+    if kind not in SPEC_KINDS:
+        payload.update(_architecture_without_spec(model, loaded, preset, example))
+    content = payload if not payload.get("pickled_module") else {**payload, "module": model}
     return write_atomic(path, lambda handle: torch.save(content, handle))
+
+
+def _architecture_without_spec(model: nn.Module, loaded: LoadedModel, preset: Preset | None,
+                               example: torch.Tensor | None) -> dict[str, Any]:
+    """The payload entries that rebuild a model no spec names: a torch.export program, else (warned) a pickle."""
+    if example is None:
+        size = preset.input_size if preset else 224
+        example = torch.zeros(2, 3, size, size)
+    example = example.detach().cpu().float()
+    if len(example) < 2:  # traced on one image, the program would take batches of one alone
+        example = torch.cat([example[:1], example[:1]])
+    try:
+        program = export_program(model, example)
+    except NotExportable as error:
+        warnings.warn(f"torch.export cannot trace {type(model).__name__} ({error}); the file pickles the whole "
+                      "module instead (larger; loading it needs --trust-pickle)", stacklevel=3)
+        return {"source": {**loaded.source, "kind": "pickle"}, "pickled_module": True}
+    return {"source": {"kind": "program", "class": f"{type(model).__module__}.{type(model).__qualname__}",
+                       "from": loaded.source.get("kind"), "torch": str(torch.__version__)},
+            "program": torch.frombuffer(bytearray(program), dtype=torch.uint8)}
 
 
 def load_compressed(payload: dict[str, Any], path: Path, build: Callable[[dict[str, Any]], nn.Module],
@@ -116,9 +151,11 @@ def load_compressed(payload: dict[str, Any], path: Path, build: Callable[[dict[s
         if not trust_pickle:
             raise RenormError(f"{path} holds a pickled module; pass --trust-pickle if you trust it")
         model = torch.load(path, map_location="cpu", weights_only=False)["module"]
+    elif kind == "program":
+        model = load_program(payload["program"].numpy().tobytes(), str(path))
     else:
         model = build(source)
-    if payload.get("pruned_channels"):
+    if payload.get("pruned_channels") and kind != "program":  # a program has the pruned shapes already
         from renorm.prune import apply_pruned_channels
 
         apply_pruned_channels(model, payload["pruned_channels"])
@@ -138,8 +175,12 @@ def load_compressed(payload: dict[str, Any], path: Path, build: Callable[[dict[s
     for name, mask in payload.get("masks", {}).items():
         set_mask(modules[name], unpack_mask(mask))
     for name, entry in payload.get("activations", {}).items():
-        activations.attach(modules[name], activations.ActivationQuantizer(
-            entry["scale"], entry["signed"], entry["bits"], entry.get("relative_error", float("nan"))))
+        quantizer = activations.ActivationQuantizer(entry["scale"], entry["signed"], entry["bits"],
+                                                    entry.get("relative_error", float("nan")))
+        if kind == "program":  # the program quantizes already; kept for the record (reports) only
+            setattr(modules[name], activations.ATTRIBUTE, quantizer)
+        else:
+            activations.attach(modules[name], quantizer)
     if payload.get("pruned_channels"):
         model._renorm_pruned_channels = payload["pruned_channels"]
     preset = Preset(**{**payload["preset"], "mean": tuple(payload["preset"]["mean"]),
