@@ -20,6 +20,12 @@ Latency: median of timed runs after 3 warm-up runs, batch 1 (30 runs) and 32 (8 
 The three sessions of a model are timed interleaved, run by run, so that the load of a
 shared machine moves all three alike; the ratios are the numbers to read.
 
+openvino: the same FP32 and renorm W8A8 ONNX files as speed, compiled by OpenVINO for the
+CPU (`pip install openvino`; skipped without it) with INFERENCE_NUM_THREADS =
+RENORM_BENCH_THREADS, latency at batch 1 and 32 timed the same way, and how many of the
+compiled graph's convolutions and matrix products run in 8-bit integers (the runtime
+model's precision of each).
+
 files: the size of renorm's own `--out` file at W4 (pow2 4-bit weights; first and last
 layer uniform 8-bit, the compress defaults, or uniform 4-bit) against the fp32 state_dict, for the speed
 models, a timm resnet18 and a user-defined nn.Module (a VGG-style CNN defined here, so
@@ -49,7 +55,7 @@ from renorm.export.onnx_qdq import export_onnx
 from renorm.export.onnx_runtime import OnnxModule, integer_operators, session
 from renorm.models import load_model
 
-PARTS = ("parity", "speed", "files")
+PARTS = ("parity", "speed", "openvino", "files")
 SETTINGS = {"W8A8 uniform": (8, "uniform"), "W4A8 pow2": (4, "pow2"), "W4A8 uniform": (4, "uniform")}
 SPEED_MODELS = ("resnet18", "mobilenet_v2", "resnet50", "efficientnet-lite0")
 FLOAT_OPS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul")
@@ -174,6 +180,78 @@ def _speed_row(name: str, fp32: torch.nn.Module, images: torch.Tensor, folder: P
     return row, details
 
 
+def _exports(name: str, fp32: torch.nn.Module, images: torch.Tensor, folder: Path) -> dict[str, Path]:
+    """The FP32 graph (BatchNorm folded) and renorm's W8A8 graph of a speed model, as ONNX files."""
+    paths = {k: folder / f"{name}-{k}.onnx" for k in ("fp32", "renorm")}
+    export_onnx(fp32, paths["fp32"], images[:1])
+    model = compress(fp32, images, Config(wbits=8, scheme="uniform", abits=8, num_images=32, act_images=32,
+                                          renorm="none", batch_size=8)).model
+    export_onnx(model, paths["renorm"], images[:1], calib=images, calib_images=32, batch_size=8)
+    return paths
+
+
+class _OpenVinoRunner:
+    """An OpenVINO compiled model behind the two methods _latency calls."""
+
+    def __init__(self, path: Path, batch: int):
+        import openvino as ov
+
+        core = ov.Core()
+        model = core.read_model(str(path))
+        model.reshape({model.inputs[0].get_any_name(): [batch, 3, 224, 224]})
+        self.compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": THREADS,
+                                                          "PERFORMANCE_HINT": "LATENCY"})
+        self.request = self.compiled.create_infer_request()
+
+    def get_inputs(self):
+        return [type("Input", (), {"name": 0})()]
+
+    def run(self, _outputs, feeds):
+        return self.request.infer({0: next(iter(feeds.values()))})
+
+    def integer_share(self) -> str:
+        """Convolutions and matrix products of the compiled graph that run in 8-bit integers, of all."""
+        kinds = ("Convolution", "GroupConvolution", "FullyConnected", "MatMul")
+        ops = [op for op in self.compiled.get_runtime_model().get_ordered_ops()
+               if op.get_rt_info()["layerType"].astype(str) in kinds]
+        integer = [op for op in ops if op.get_rt_info()["runtimePrecision"].astype(str).lower() in ("i8", "u8")]
+        return f"{len(integer)} of {len(ops)}"
+
+
+def openvino_speed(quick: bool, folder: Path, models: list[str]) -> tuple[list, dict]:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        print("openvino: not installed (pip install openvino), skipped", flush=True)
+        return [], {}
+    images = torch.randn(32, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    rows, data = [], {}
+    for name in models:
+        fp32 = speed_model(name)
+        if fp32 is None:
+            print(f"{name}: not installed, skipped", flush=True)
+            continue
+        try:
+            paths = _exports(name, fp32, images, folder)
+            row = [name]
+            for batch, runs in ((1, 10 if quick else 30), (32, 3 if quick else 8)):
+                runners = {k: _OpenVinoRunner(p, batch) for k, p in paths.items()}
+                ms = _latency(runners, batch, runs)
+                row += [ms["fp32"], ms["renorm"], ms["fp32"] / ms["renorm"]]
+            row.append(runners["renorm"].integer_share())
+        except Exception as error:  # noqa: BLE001 - one model's failure should not lose the others' rows
+            print(f"{name}: failed: {error}", flush=True)
+            continue
+        rows.append(row)
+        data[name] = dict(zip(["model", "b1_fp32_ms", "b1_renorm_ms", "b1_speedup", "b32_fp32_ms", "b32_renorm_ms",
+                               "b32_speedup", "integer_convs"], row))
+        print(markdown_table(OPENVINO_HEADER, [row]).splitlines()[-1], flush=True)
+    return rows, data
+
+
+OPENVINO_HEADER = ["model", "b1 FP32 ms", "b1 renorm INT8 ms", "x", "b32 FP32 ms", "b32 renorm INT8 ms", "x",
+                   "integer convs/matmuls (renorm)"]
+
 SPEED_HEADER = ["model", "b1 FP32 ms", "b1 renorm INT8 ms", "x", "b1 ORT INT8 ms", "x", "b32 FP32 ms",
                 "b32 renorm INT8 ms", "x", "b32 ORT INT8 ms", "x", "FP32 MB", "renorm MB", "ORT MB",
                 "integer kernels (renorm)", "float convs"]
@@ -296,6 +374,13 @@ def render(data: dict) -> str:
                  f"1-minute load average {before:.2f} before, {after:.2f} after (2 cores, shared); x = FP32 latency / "
                  "INT8 latency, measured interleaved in the same run; MB = 10^6 bytes",
                  markdown_table(SPEED_HEADER, part["rows"])]
+    if "rows" in data.get("openvino", {}):
+        part = data["openvino"]
+        before, after = part["load_average"]["before"][0], part["load_average"]["after"][0]
+        body += [f"### OpenVINO {part['version']}: the same ONNX files, {part['threads']} threads\n\n`{part['command']}` "
+                 f"({part['provenance']}); 1-minute load average {before:.2f} before, {after:.2f} after (2 cores, "
+                 "shared); x = FP32 latency / INT8 latency, measured interleaved in the same run",
+                 markdown_table(OPENVINO_HEADER, part["rows"])]
     if "rows" in data.get("files", {}):
         part = data["files"]
         body += [f"### renorm files (`--out`) at W4 against the fp32 state_dict\n\n`{part['command']}` "
@@ -328,6 +413,14 @@ def main() -> None:
             rows, extra = speed(args.quick, Path(folder), args.models)
             data["speed"] = {"rows": rows, "threads": THREADS, "details": extra,
                              "load_average": {"before": load, "after": os.getloadavg()}, **stamp}
+        if "openvino" in args.parts:
+            load = os.getloadavg()
+            rows, extra = openvino_speed(args.quick, Path(folder), args.models)
+            if rows:
+                import openvino
+
+                data["openvino"] = {"rows": rows, "threads": THREADS, "details": extra, "version": openvino.__version__,
+                                    "load_average": {"before": load, "after": os.getloadavg()}, **stamp}
         if "files" in args.parts:
             rows, extra = files(Path(folder), args.file_models)
             data["files"] = {"rows": rows, "details": extra, **stamp}
