@@ -20,6 +20,11 @@ Latency: median of timed runs after 3 warm-up runs, batch 1 (30 runs) and 32 (8 
 The three sessions of a model are timed interleaved, run by run, so that the load of a
 shared machine moves all three alike; the ratios are the numbers to read.
 
+parity-lite0: EfficientNet-Lite0 (its real weights, where renorm[zoo] is installed), W8A8
+and W4A8 uniform with shift re-normalization, calibrated on 500 crops of photos:calib:
+agreement with the FP32 model on 500 crops of photos:eval of the PyTorch model and of the
+ONNX file, and their top-1 agreement with each other.
+
 openvino: the same FP32 and renorm W8A8 ONNX files as speed, compiled by OpenVINO for the
 CPU (`pip install openvino`; skipped without it) with INFERENCE_NUM_THREADS =
 RENORM_BENCH_THREADS, latency at batch 1 and 32 timed the same way, and how many of the
@@ -55,7 +60,7 @@ from renorm.export.onnx_qdq import export_onnx
 from renorm.export.onnx_runtime import OnnxModule, integer_operators, session
 from renorm.models import load_model
 
-PARTS = ("parity", "speed", "openvino", "files")
+PARTS = ("parity", "parity-lite0", "speed", "openvino", "files")
 SETTINGS = {"W8A8 uniform": (8, "uniform"), "W4A8 pow2": (4, "pow2"), "W4A8 uniform": (4, "uniform")}
 SPEED_MODELS = ("resnet18", "mobilenet_v2", "resnet50", "efficientnet-lite0")
 FLOAT_OPS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul")
@@ -89,6 +94,42 @@ def parity(quick: bool, folder: Path) -> tuple[list, dict]:
             print(markdown_table(PARITY_HEADER, [row]).splitlines()[-1], flush=True)
     return rows, {"test": names["test"], "test_images": len(test_y), "calib": names["calib"], "calib_images": len(calib)}
 
+
+def lite0_parity(quick: bool, folder: Path) -> list:
+    """EfficientNet-Lite0 (real weights): agreement of the ONNX file with renorm's PyTorch model, by photos."""
+    from renorm.data import Batches, open_images
+
+    try:
+        loaded = load_model("efficientnet-lite0")
+    except Exception:  # noqa: BLE001 - renorm[zoo] missing
+        print("efficientnet-lite0: not installed, skipped", flush=True)
+        return []
+    count = 100 if quick else 500
+    calib = Batches(open_images(f"photos:calib:{count}", loaded.preset), 50).first(count)
+    test = Batches(open_images(f"photos:eval:{count}", loaded.preset), 50).first(count)
+    fp32_logits, _ = predict(loaded.model, test, 50)
+    rows = []
+    for setting in ("W8A8 uniform", "W4A8 uniform"):
+        wbits, scheme = SETTINGS[setting]
+        model = compress(loaded, calib, Config(wbits=wbits, scheme=scheme, abits=8, num_images=count,
+                                               act_images=min(400, count), renorm="shift")).model
+        path = folder / f"lite0-{wbits}.onnx"
+        summary = export_onnx(model, path, calib[:1], calib=calib, calib_images=256, spec="efficientnet-lite0",
+                              preset=loaded.preset)
+        torch_logits, _ = predict(model, test, 50)
+        onnx_logits, _ = predict(OnnxModule(path, threads=THREADS), test, 50)
+        integer, floats = kernel_summary(path)
+        row = ["efficientnet-lite0", setting + ", shift", agreement(torch_logits, fp32_logits)["agreement_top1"],
+               agreement(onnx_logits, fp32_logits)["agreement_top1"],
+               agreement(onnx_logits, torch_logits)["agreement_top1"], integer, floats,
+               f"{summary['bytes'] / 1e6:.2f}"]
+        rows.append(row)
+        print(markdown_table(LITE0_PARITY_HEADER, [row]).splitlines()[-1], flush=True)
+    return rows
+
+
+LITE0_PARITY_HEADER = ["model", "setting", "PyTorch: agreement with FP32 top-1 %", "ONNX: agreement with FP32 top-1 %",
+                       "ONNX vs PyTorch top-1 agreement %", "integer kernels (ORT)", "float convs", "ONNX MB"]
 
 PARITY_HEADER = ["model", "setting", "PyTorch top-1 %", "ONNX top-1 %", "agreement top-1 %", "integer kernels (ORT)",
                  "float convs", "ONNX MB"]
@@ -367,6 +408,12 @@ def render(data: dict) -> str:
                  f"test: {part['images']['test_images']} images of {part['images']['test']}, calibration: "
                  f"{part['images']['calib_images']} images of {part['images']['calib']}",
                  markdown_table(PARITY_HEADER, part["rows"])]
+    if "rows" in data.get("parity-lite0", {}):
+        part = data["parity-lite0"]
+        body += [f"### Parity on EfficientNet-Lite0 (ImageNet weights), by agreement\n\n`{part['command']}` "
+                 f"({part['provenance']}); calibration and activation ranges on crops of photos:calib, agreement on "
+                 "the same number of crops of photos:eval; `shift` re-normalization",
+                 markdown_table(LITE0_PARITY_HEADER, part["rows"])]
     if "rows" in data.get("speed", {}):
         part = data["speed"]
         before, after = part["load_average"]["before"][0], part["load_average"]["after"][0]
@@ -408,6 +455,10 @@ def main() -> None:
         if "parity" in args.parts:
             rows, images = parity(args.quick, Path(folder))
             data["parity"] = {"rows": rows, "images": images, **stamp}
+        if "parity-lite0" in args.parts:
+            rows = lite0_parity(args.quick, Path(folder))
+            if rows:
+                data["parity-lite0"] = {"rows": rows, **stamp}
         if "speed" in args.parts:
             load = os.getloadavg()
             rows, extra = speed(args.quick, Path(folder), args.models)
