@@ -44,7 +44,7 @@ class Config:
     renorm: str = "exact"
     num_images: int = 1000
     act_images: int = 400
-    act_method: str = "mse"  # how each activation range is chosen: see renorm.quantize.activations.METHODS
+    act_method: str = "minmax"  # how each activation range is chosen: see renorm.quantize.activations.METHODS
     batch_size: int = 50
     chunk: int = 64
     seed: int = 0

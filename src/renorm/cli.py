@@ -80,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--first-last-bits", type=int, default=8, help="first conv / last linear, uniform (0 = float)")
     q.add_argument("--abits", type=int, default=32, help="activation bits (e.g. 8); 32 = float (default)")
     q.add_argument("--act-images", type=int, default=400, help="images to calibrate activations (default 400)")
-    q.add_argument("--act-method", default="mse", choices=("mse", "minmax", "percentile"),
-                   help="how each activation's range is chosen from its observed values (default mse)")
+    q.add_argument("--act-method", default="minmax", choices=("minmax", "mse", "percentile"),
+                   help="each activation's range: the observed min/max (default), the least squared error, or "
+                   "the 0.01%%/99.99%% percentiles")
     q.add_argument("--exclude", nargs="+", default=[], help="layer names to leave in float")
     q.add_argument("--layer-bits", action="append", default=[], metavar="PATTERN=BITS",
                    help="bits for the layers a glob over names or a keyword (depthwise, grouped, pointwise, conv, "
