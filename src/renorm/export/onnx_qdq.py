@@ -34,7 +34,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -49,7 +48,7 @@ from renorm.files import check_output, write_atomic
 from renorm.images import Preset
 from renorm.quantize import activations
 from renorm.export.fold import fold_batchnorms
-from renorm.export.onnx_runtime import METADATA_KEY, OnnxModule, require, session
+from renorm.export.onnx_runtime import METADATA_KEY, OnnxModule, require
 from renorm.quantize.weights import ATTRIBUTE, code_values
 
 OPSET = 17

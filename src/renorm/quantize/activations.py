@@ -75,9 +75,10 @@ class ActivationQuantizer:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         low, high = self.limits
-        if x.dtype != torch.float32:
-            return torch.fake_quantize_per_tensor_affine(x.float(), self.scale, self.zero_point, low, high).to(x.dtype)
-        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, low, high)
+        if torch.jit.is_tracing():  # the ONNX exporter writes this op as a QuantizeLinear/DequantizeLinear pair
+            return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, low, high)
+        # as ONNX's QuantizeLinear computes it: x / scale (not x * (1 / scale)), rounded half to even
+        return (torch.clamp(torch.round(x / self.scale) + self.zero_point, low, high) - self.zero_point) * self.scale
 
 
 def quantizer_for_range(low: float, high: float, bits: int) -> ActivationQuantizer:
