@@ -280,11 +280,27 @@ def pipelines_run() -> None:
                  {"pipelines": data})
 
 
+def w8a8_timing() -> None:
+    """nncf.quantize against renorm's W8A8 pipeline (uniform, exact), each timed twice in turn in one process
+    (the first NNCF call loads its extension: the second pair is the one to read); then renorm's top-1."""
+    calib, test_x, test_y, _ = fashion_mnist(1000)
+    for name in ("fmnist-resnet18", "fmnist-mobilenet_v2"):
+        fp32 = load_model(name).model
+        for _ in range(2):
+            _, nncf_seconds = timed(nncf_int8, fp32, calib)
+            model, renorm_seconds = timed(renorm_pipeline, fp32, calib, 8, "uniform", "exact")
+            print(f"{name}: nncf.quantize {nncf_seconds:.1f} s, renorm W8A8 {renorm_seconds:.1f} s, "
+                  f"{renorm_seconds / nncf_seconds:.2f}x", flush=True)
+        print(f"{name}: renorm W8A8 top-1 {top1(model, test_x, test_y):.2f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="resnet18, 2000 test images, fewer rows, 100 timing images")
     parser.add_argument("--pipelines", action="store_true", help="only the whole-pipeline rows, both models, full "
                         "test set, into peers_pipelines.md; a peer not installed keeps its row from peers.json")
+    parser.add_argument("--w8a8-timing", action="store_true", help="only nncf.quantize against renorm's W8A8 "
+                        "pipeline, timed in turn in one process (needs NNCF)")
     parser.add_argument("--short", action="store_true", help="resnet18 only, full test set: W2 uniform, 70%% "
                         "unstructured, 30%% filters; pipelines without the W8A8 rows; no timing section")
     args = parser.parse_args()
@@ -292,6 +308,8 @@ def main() -> None:
         return short_run()
     if args.pipelines:
         return pipelines_run()
+    if args.w8a8_timing:
+        return w8a8_timing()
     models = ("fmnist-resnet18",) if args.quick else ("fmnist-resnet18", "fmnist-mobilenet_v2")
     calib, test_x, test_y, names = fashion_mnist(1000, 2000 if args.quick else None)
     reestimation, data1 = reestimation_table(models, calib, test_x, test_y,
