@@ -19,7 +19,7 @@ QuantizeLinear/DequantizeLinear (QDQ) pairs:
     quantizer saturates at 6 anyway becomes a Relu (exact).
 ONNX Runtime's CPU provider then turns DQ -> Conv -> Q into QLinearConv and DQ -> Add
 -> Q into QLinearAdd; `onnx_runtime.integer_operators` counts what the runtime made of a file.
-A model whose quantizers are input hooks (a file from renorm before 0.x graph points, or a
+A model whose quantizers are input hooks (a file written before renorm had graph points, or a
 model torch.fx cannot trace) gets a pair on each conv/linear input only; its Add and pool
 inputs stay float, unless `calib` images are given: then its activations are calibrated
 again, on the graph points.
