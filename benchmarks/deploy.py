@@ -4,8 +4,9 @@
 
 parity: both Fashion-MNIST reference models, W8A8 uniform, W4A8 pow2 and W4A8 uniform
 (renorm compress defaults otherwise: 1000 calibration images, 400 for activations, exact
-re-normalization), exported with `renorm.export_onnx` (its residual Add inputs fitted on
-256 of the same calibration images); top-1 of the PyTorch model and of the ONNX file run
+re-normalization, activations quantized at every tensor an INT8 graph quantizes), exported
+with `renorm.export_onnx` (renorm's own quantizers become the graph's Q/DQ pairs); top-1 of
+the PyTorch model and of the ONNX file run
 by onnxruntime on fashion-mnist:test, their top-1 agreement, and what ONNX Runtime's CPU
 provider made of the graph (integer kernels, float convs left).
 

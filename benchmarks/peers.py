@@ -176,13 +176,22 @@ def renorm_pipeline(fp32, calib, bits, scheme, mode):
     return model
 
 
-def pipeline_table(models, calib, test_x, test_y, skip=frozenset()):
+def installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def pipeline_table(models, calib, test_x, test_y, skip=frozenset(), stored=None):
+    """stored: earlier rows (peers.json's "pipelines") shown, marked, for the peers not installed here."""
     rows, data = [], []
+    missing = {label for label, module in (("NNCF", "nncf"), ("AIMET", "aimet_torch")) if not installed(module)}
     for name in models:
         fp32 = load_model(name).model
         runs = {
             "NNCF INT8 (nncf.quantize, W8A8)": lambda: nncf_int8(fp32, calib),
             "renorm W8A8 (uniform, exact)": lambda: renorm_pipeline(fp32, calib, 8, "uniform", "exact"),
+            "renorm W8A8 (uniform, shift)": lambda: renorm_pipeline(fp32, calib, 8, "uniform", "shift"),
             "AIMET W4A8 (QuantSim)": lambda: aimet_w4a8(fp32, calib, reestimate=False),
             "AIMET W4A8 + reestimate_bn_stats": lambda: aimet_w4a8(fp32, calib, reestimate=True),
             "renorm W4A8 (uniform, exact)": lambda: renorm_pipeline(fp32, calib, 4, "uniform", "exact"),
@@ -193,6 +202,14 @@ def pipeline_table(models, calib, test_x, test_y, skip=frozenset()):
         rows.append([name, "FP32", f"{base:.2f}", ""])
         for label, make in runs.items():
             if label in skip:
+                continue
+            if label.split()[0] in missing:
+                old = next((r for r in (stored or {}).get("pipelines", []) if r["model"] == name
+                            and r["pipeline"] == label), None)
+                if old is not None:
+                    data.append({**old, "stored": stored["commit"]})
+                    rows.append([name, label + f" (stored: commit {stored['commit']})", f"{old['top1']:.2f}",
+                                 f"{old['seconds']:.1f}"])
                 continue
             model, seconds = timed(make)
             accuracy = top1(model, test_x, test_y)
@@ -243,14 +260,56 @@ def short_run() -> None:
                  {"reestimation": data1, "pipelines": data2})
 
 
+def pipelines_run() -> None:
+    """The whole-pipeline table alone (about 5 minutes on 2 threads)."""
+    import json
+
+    from benchmarks.common import RESULTS
+
+    stored = json.loads((RESULTS / "peers.json").read_text()) if (RESULTS / "peers.json").exists() else {}
+    stored["commit"] = stored.get("commit", "6fffead")  # the commit peers.md's last full run names
+    calib, test_x, test_y, names = fashion_mnist(1000)
+    versions = ", ".join(f"{label} {__import__(module).__version__}" for label, module in
+                         (("NNCF", "nncf"), ("AIMET", "aimet_torch")) if installed(module))
+    pipelines, data = pipeline_table(("fmnist-resnet18", "fmnist-mobilenet_v2"), calib, test_x, test_y, stored=stored)
+    body = (f"Peers run here: {versions or 'none'}; torch {torch.__version__}, {torch.get_num_threads()} thread(s). "
+            f"Top-1 % on {names['test']} ({len(test_y)} images); {len(calib)} unlabeled images from {names['calib']}, "
+            "batches of 50. Rows marked stored are copied from peers.json (that peer is not installed in this "
+            "environment), with the commit of the run that measured them.\n\n" + pipelines)
+    write_result("peers_pipelines", "Whole post-training pipelines: renorm vs NNCF and AIMET", command_line(), body,
+                 {"pipelines": data})
+
+
+def w8a8_timing() -> None:
+    """nncf.quantize against renorm's W8A8 pipeline (uniform, exact), each timed twice in turn in one process
+    (the first NNCF call loads its extension: the second pair is the one to read); then renorm's top-1."""
+    calib, test_x, test_y, _ = fashion_mnist(1000)
+    for name in ("fmnist-resnet18", "fmnist-mobilenet_v2"):
+        fp32 = load_model(name).model
+        for _ in range(2):
+            _, nncf_seconds = timed(nncf_int8, fp32, calib)
+            model, renorm_seconds = timed(renorm_pipeline, fp32, calib, 8, "uniform", "exact")
+            print(f"{name}: nncf.quantize {nncf_seconds:.1f} s, renorm W8A8 {renorm_seconds:.1f} s, "
+                  f"{renorm_seconds / nncf_seconds:.2f}x", flush=True)
+        print(f"{name}: renorm W8A8 top-1 {top1(model, test_x, test_y):.2f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="resnet18, 2000 test images, fewer rows, 100 timing images")
+    parser.add_argument("--pipelines", action="store_true", help="only the whole-pipeline rows, both models, full "
+                        "test set, into peers_pipelines.md; a peer not installed keeps its row from peers.json")
+    parser.add_argument("--w8a8-timing", action="store_true", help="only nncf.quantize against renorm's W8A8 "
+                        "pipeline, timed in turn in one process (needs NNCF)")
     parser.add_argument("--short", action="store_true", help="resnet18 only, full test set: W2 uniform, 70%% "
                         "unstructured, 30%% filters; pipelines without the W8A8 rows; no timing section")
     args = parser.parse_args()
     if args.short:
         return short_run()
+    if args.pipelines:
+        return pipelines_run()
+    if args.w8a8_timing:
+        return w8a8_timing()
     models = ("fmnist-resnet18",) if args.quick else ("fmnist-resnet18", "fmnist-mobilenet_v2")
     calib, test_x, test_y, names = fashion_mnist(1000, 2000 if args.quick else None)
     reestimation, data1 = reestimation_table(models, calib, test_x, test_y,

@@ -204,6 +204,8 @@ CLI: dict[str, tuple[Callable[[Path], list[str]], str]] = {
                        "--num-images must be at least 1"),
     "--act-images 0": (lambda w: ["compress", *small(w), "--calib", str(w / "photos"), "--abits", "8",
                                   "--act-images", "0"], "--act-images must be at least 1, got 0"),
+    "--act-method median": (lambda w: ["compress", *small(w), "--calib", str(w / "photos"), "--abits", "8",
+                                       "--act-method", "median"], "invalid choice: 'median'"),
     "--batch-size 0": (lambda w: ["compress", *small(w), "--calib", str(w / "photos"), "--batch-size", "0"],
                        "--batch-size must be at least 1"),
     "--exclude typo": (lambda w: ["compress", *small(w), "--calib", str(w / "photos"), "--exclude", "layer1.0.conv"],

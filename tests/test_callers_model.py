@@ -72,5 +72,5 @@ def test_inplace_changes_and_returns_the_callers_model(stage, images):
     before = copy.deepcopy(model)
     assert inplace() is model
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before.state_dict()[k])]
-    attached = [n for n, m in model.named_modules() if any(k.startswith("_renorm") for k in vars(m))]
+    attached = [n for n, m in model.named_modules() if any(k.startswith("_renorm") for k in [*vars(m), *m._modules])]
     assert changed or attached

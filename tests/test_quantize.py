@@ -8,6 +8,7 @@ import torch
 import torchvision
 from hypothesis import given, settings
 from hypothesis import strategies as st
+import torch.nn.functional as F
 from torch import nn
 
 from conftest import SmallNet
@@ -183,24 +184,68 @@ def test_exclusions_and_float_first_last():
 
 
 # --------------------------------------------------------------------------- activations
-def test_activation_scale_fit_beats_its_max_start_and_is_unsigned_after_relu():
-    x = torch.relu(torch.randn(100000)) ** 2  # heavy right tail: max/levels wastes range
-    q = A.fit_activation_scale(x, float(x.max()), signed=False, bits=4)
-    start = A.ActivationQuantizer(float(x.max()) / 15, False, 4)
-    assert ((x - q(x)) ** 2).mean() < ((x - start(x)) ** 2).mean()
-    assert q.limits == (0, 15)
+def test_mse_range_beats_minmax_and_is_unsigned_after_relu():
+    x = torch.relu(torch.randn(100000, generator=torch.Generator().manual_seed(0))) ** 2  # heavy right tail
+    q = A.fit_quantizer(x, 0.0, float(x.max()), A.ActivationQuantConfig(bits=4, method="mse"))
+    start = A.fit_quantizer(x, 0.0, float(x.max()), A.ActivationQuantConfig(bits=4, method="minmax"))
+    error = float(((x - q(x)) ** 2).mean())
+    assert error < 0.5 * float(((x - start(x)) ** 2).mean())
+    # within 2% of the best range by brute force over 400 clipping points
+    best = min(float(((x - A.quantizer_for_range(0, h, 4)(x)) ** 2).mean())
+               for h in torch.linspace(0.5, float(x.max()), 400).tolist())
+    assert error < 1.02 * best
+    assert q.limits == (0, 15) and q.zero_point == 0 and not q.signed
     assert torch.unique(q(x)).numel() <= 16
     assert torch.equal(q(q(x)), q(x))  # idempotent
 
 
-def test_calibration_puts_signed_quantizers_on_signed_inputs(small_net, images):
+def test_zero_is_a_level_and_the_range_is_covered():
+    for low, high in ((-0.28, 3.0), (-5.0, 0.5), (0.0, 6.0), (-1.0, 1.0)):
+        q = A.quantizer_for_range(low, high, 8)
+        assert float(q(torch.zeros(1))) == 0.0
+        assert abs((0 - q.zero_point) * q.scale - low) <= q.scale / 2 + 1e-7
+        assert abs((255 - q.zero_point) * q.scale - high) <= q.scale / 2 + 1e-7
+
+
+class SiluNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.conv2(F.silu(self.conv1(x)))
+
+
+def test_inputs_after_silu_get_an_asymmetric_zero_point():
+    """README: not non-negative tensors are uint8 with a zero point; after SiLU (min -0.28) the
+    levels below zero are few, and the step is about half that of the old symmetric levels."""
+    torch.manual_seed(0)
+    model = SiluNet().eval()
+    x = torch.randn(64, 3, 10, 10)
+    q = A.calibrate_activations(model, x, A.ActivationQuantConfig(bits=8, num_images=64, method="minmax"))
+    rows = {r["layers"][0]: r for r in A.activation_quantization_stats(q)}
+    silu = F.silu(model.conv1(x)).detach()
+    quantizer = A.input_quantizer(q, "conv2")
+    assert rows["conv2"]["signed"] and 0 < quantizer.zero_point < 40
+    assert abs(quantizer.zero_point * quantizer.scale - float(-silu.min())) < quantizer.scale
+    symmetric_step = float(silu.abs().max()) / 127  # the old signed levels -127..127
+    symmetric = torch.clamp(torch.round(silu / symmetric_step), -127, 127) * symmetric_step
+    assert quantizer.scale < 0.6 * symmetric_step
+    assert ((quantizer(silu) - silu) ** 2).mean() < 0.5 * ((symmetric - silu) ** 2).mean()
+
+
+def test_calibration_quantizes_each_tensor_once_signed_only_where_negative(small_net, images):
     model = A.calibrate_activations(copy.deepcopy(small_net), images, A.ActivationQuantConfig(bits=8, num_images=64),
                                     batch_size=16)
-    rows = {r["layer"]: r for r in A.activation_quantization_stats(model)}
-    assert set(rows) == {"conv1", "conv2", "fc1", "fc2"}
-    assert rows["conv1"]["signed"]  # the image
-    assert not rows["conv2"]["signed"] and not rows["fc2"]["signed"]  # after ReLU
-    assert all(r["relative_mse"] < 1e-3 for r in rows.values())
+    rows = A.activation_quantization_stats(model)
+    readers = {layer: r for r in rows for layer in r["layers"]}
+    assert set(readers) == {"conv1", "conv2", "fc1", "fc2"}
+    assert readers["conv1"]["signed"]  # the image
+    assert not readers["conv2"]["signed"] and not readers["fc2"]["signed"]  # after ReLU
+    # the pooling (x.mean) input and output are quantized too: 6 points, dropout sharing fc2's quantizer
+    assert len(rows) == 6 and [r["point"] for r in rows][2:4] == ["relu_1", "mean"]
+    assert all(r["relative_mse"] < 1e-3 for r in rows)
+    assert list(model.state_dict()) == list(small_net.state_dict()) and type(model) is type(small_net)
     with torch.no_grad():
         quantized, float_out = model(images), small_net(images)
         assert not torch.equal(quantized, float_out)
@@ -211,22 +256,78 @@ def test_calibration_puts_signed_quantizers_on_signed_inputs(small_net, images):
         assert torch.equal(copied(images), float_out)
 
 
-def test_activation_sample_budget_follows_the_real_batches(small_net, images, monkeypatch):
-    """The old budget assumed `batch_size` images per batch: a DataLoader of batch 1 kept 50x
-    max_samples values per layer (many GB at 224 px)."""
+class Blocks(nn.Module):
+    """A residual add (then ReLU), a concatenation, a max pool and an average pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.pool, self.fc = nn.MaxPool2d(2), nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.stem(x)))
+        y = torch.relu(self.a(x) + x)
+        z = torch.cat([y, self.b(x)], 1)
+        return self.fc(F.adaptive_avg_pool2d(z, 1).flatten(1))
+
+
+def test_adds_concatenations_and_pools_are_quantized_as_an_int8_graph_does():
+    torch.manual_seed(0)
+    model = Blocks().eval()
+    x = torch.randn(32, 3, 8, 8)
+    q = A.calibrate_activations(model, x, A.ActivationQuantConfig(num_images=32))
+    points = {r["point"]: r for r in A.activation_quantization_stats(q)}
+    # add inputs (a's output, the pooled x) and its output after the ReLU; cat inputs and output; pool in/out
+    assert {"a", "pool", "relu_1", "b", "cat", "adaptive_avg_pool2d", "flatten"} <= set(points)
+    groups = {p.point: p.group for p in A.graph_points.installed(q)}
+    assert groups["relu"] == groups["pool"]  # max pooling commutes with rounding: one quantizer
+    assert groups["adaptive_avg_pool2d"] == groups["flatten"] != groups["cat"]
+    assert not points["relu_1"]["signed"] and points["a"]["signed"]
+    with torch.no_grad():  # every point's value is on its grid: quantizing again changes nothing
+        seen = {}
+        hooks = [p.register_forward_hook(lambda m, i, o, n=p.point: seen.__setitem__(n, (o, m.quantizer)))
+                 for p in A.graph_points.installed(q)]
+        q(x)
+        for handle in hooks:
+            handle.remove()
+    assert all(torch.equal(quantizer(value), value) for value, quantizer in seen.values())
+
+
+def test_activation_sample_budget_counts_images_not_batches(small_net, images, monkeypatch):
+    """The budget is max_samples values per tensor over num_images images: a DataLoader of batch 1 keeps
+    the same number of values as batches of 20, not 50x (many GB at 224 px)."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    kept = []
-    fit = A.fit_activation_scale
+    kept = {}
+    fit = A.fit_quantizer
 
     def spy(values, *args, **kwargs):
-        kept.append(len(values))
+        kept.setdefault(batch, []).append(len(values))
         return fit(values, *args, **kwargs)
 
-    monkeypatch.setattr(A, "fit_activation_scale", spy)
-    loader = DataLoader(TensorDataset(images[:40]), batch_size=1)
-    A.calibrate_activations(small_net, loader, A.ActivationQuantConfig(bits=8, num_images=40, max_samples=400))
-    assert len(kept) == 4 and max(kept) <= 400  # the old code kept all 432 x 40 values of conv1's input
+    monkeypatch.setattr(A, "fit_quantizer", spy)
+    for batch in (1, 20):
+        loader = DataLoader(TensorDataset(images[:40]), batch_size=batch)
+        A.calibrate_activations(small_net, loader, A.ActivationQuantConfig(bits=8, num_images=40, max_samples=400))
+    # 400 values per tensor; fc2's input and the dropout before it share one quantizer: 800
+    assert kept[1] == [400, 400, 400, 400, 800]
+    assert kept[1] == kept[20]
+
+
+class Untraceable(SmallNet):
+    def forward(self, x):
+        if float(x.mean()) > 1e9:  # control flow on a value: torch.fx cannot trace it
+            x = x * 2
+        return super().forward(x)
+
+
+def test_a_model_that_does_not_trace_gets_its_layer_inputs_quantized(images):
+    torch.manual_seed(0)
+    model = Untraceable().eval()
+    q = A.calibrate_activations(model, images, A.ActivationQuantConfig(bits=8, num_images=32))
+    rows = A.activation_quantization_stats(q)
+    assert [r["point"] for r in rows] == ["conv1", "conv2", "fc1", "fc2"] and rows[0]["signed"]
+    assert A.input_quantizer(q, "fc2") is q.fc2._renorm_act and not A.graph_points.installed(q)
 
 
 def test_excluded_layers_stay_in_float_depthwise_included():

@@ -45,6 +45,7 @@ class Config:
     renorm: str = "exact"
     num_images: int = 1000
     act_images: int = 400
+    act_method: str = "minmax"  # how each activation range is chosen: see renorm.quantize.activations.METHODS
     batch_size: int = 50
     chunk: int = 64
     seed: int = 0
@@ -75,7 +76,7 @@ class Config:
         if self.chunk < 1:
             raise RenormError(f"--chunk must be at least 1 image, got {self.chunk}")
         if self.abits != 32:
-            ActivationQuantConfig(self.abits, self.act_images)
+            self.activation_config()
         self.weight_config()
         if self.prune:
             self.prune_config()
@@ -89,6 +90,9 @@ class Config:
     def weight_config(self, extra_bits: tuple[tuple[str, int], ...] = ()) -> WeightQuantConfig:
         return WeightQuantConfig(self.wbits, self.scheme, self.first_last_bits, tuple(self.exclude),
                                  layer_bits=tuple(self.layer_bits) + tuple(extra_bits))
+
+    def activation_config(self) -> ActivationQuantConfig:
+        return ActivationQuantConfig(self.abits, self.act_images, seed=self.seed, method=self.act_method)
 
     def reconstruct_config(self) -> ReconstructConfig:
         return ReconstructConfig(method=self.reconstruct, num_images=self.reconstruct_images, seed=self.seed,
@@ -197,8 +201,7 @@ def _compress(loaded: LoadedModel, calib: Any, config: Config, eval_data: Any, p
 
     if config.abits != 32:
         with stage(stages, "calibrate_activations"):
-            calibrate_activations(work, calib, ActivationQuantConfig(config.abits, config.act_images, seed=config.seed),
-                                  config.batch_size, progress, inplace=True)
+            calibrate_activations(work, calib, config.activation_config(), config.batch_size, progress, inplace=True)
         if evaluator:
             with stage(stages, "evaluate_final"):
                 accuracy_by_stage["final"] = evaluator(work, "evaluate final")

@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--first-last-bits", type=int, default=8, help="first conv / last linear, uniform (0 = float)")
     q.add_argument("--abits", type=int, default=32, help="activation bits (e.g. 8); 32 = float (default)")
     q.add_argument("--act-images", type=int, default=400, help="images to calibrate activations (default 400)")
+    q.add_argument("--act-method", default="minmax", choices=("minmax", "mse", "percentile"),
+                   help="each activation's range: the observed min/max (default), the least squared error, or "
+                   "the 0.01%%/99.99%% percentiles")
     q.add_argument("--exclude", nargs="+", default=[], help="layer names to leave in float")
     q.add_argument("--layer-bits", action="append", default=[], metavar="PATTERN=BITS",
                    help="bits for the layers a glob over names or a keyword (depthwise, grouped, pointwise, conv, "
@@ -131,8 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write a model as an INT8 ONNX graph for ONNX Runtime")
     _model_options(export)
     export.add_argument("--onnx", required=True, metavar="OUT.onnx", help="the ONNX file to write")
-    export.add_argument("--calib", help="unlabeled images to fit the scales of the residual Add inputs that the "
-                        "model leaves in float (without them those convs run in float)")
+    export.add_argument("--calib", help="unlabeled images to calibrate the activations again, for a file from an "
+                        "older renorm whose quantizers sit on conv/linear inputs only (a file calibrated by this "
+                        "renorm is exported as it is)")
     export.add_argument("--num-images", type=int, default=256, help="calibration images used (default 256)")
     export.add_argument("--seed", type=int, default=0, help="seed of the calibration sample (default 0)")
     _common_options(export)
@@ -194,7 +198,7 @@ def run_compress(args: argparse.Namespace) -> int:
     if args.frontier and args.avg_bits is None:
         raise RenormError("--frontier plots the --avg-bits allocation; add --avg-bits B")
     config = Config(wbits=args.wbits, scheme=args.scheme, first_last_bits=args.first_last_bits, abits=args.abits,
-                    renorm=args.renorm, num_images=args.num_images, act_images=args.act_images,
+                    renorm=args.renorm, num_images=args.num_images, act_images=args.act_images, act_method=args.act_method,
                     batch_size=args.batch_size, chunk=args.chunk, seed=args.seed,
                     exclude=tuple(args.exclude), prune=args.prune, prune_type=args.prune_type,
                     prune_scope=args.prune_scope, prune_importance=args.prune_importance,
@@ -274,8 +278,10 @@ def run_export(args: argparse.Namespace) -> int:
     if summary.get("float_add_inputs"):
         import warnings
 
-        warnings.warn(f"{summary['float_add_inputs']} residual Add or pool inputs stay float without --calib: the convs "
-                      "before them run in float; add --calib IMAGES", stacklevel=2)
+        why = "torch.fx cannot trace the model, so only conv/linear inputs are quantized" if calib is not None else \
+            "the model's quantizers sit on conv/linear inputs only (an older renorm file); add --calib IMAGES"
+        warnings.warn(f"{summary['float_add_inputs']} residual Add or pool inputs stay float and the convs before "
+                      f"them run in float: {why}", stacklevel=2)
     report = {"model": {"spec": loaded.spec, "preset": loaded.preset.describe()}, "onnx": summary}
     if calib is not None:
         report["calibration"] = {"source": calib.name, "images_used": min(len(calib) - len(calib.skipped),

@@ -11,19 +11,18 @@ QuantizeLinear/DequantizeLinear (QDQ) pairs:
     DequantizeLinear(axis = output channels); the bias of a layer whose input is
     quantized too is int32 with scale input_scale * weight_scale, as the integer
     kernel adds it;
-  - each tensor that renorm quantizes (the input of a conv/linear layer) is quantized
-    once, with renorm's calibrated scale, as uint8: zero point 0 for non-negative
-    tensors, 128 for signed ones (renorm's -127..127 levels, plus -128); Adds and
-    MaxPools that read the tensor read the quantized one too, as in an INT8 graph;
-  - each input of a residual Add or of the global average pool that renorm leaves in
-    float (the output of the conv before it) gets a scale fitted as renorm fits its own,
-    on calibration images run through the float graph (`calib`); a ReLU output that only
-    a MaxPool reads gets the pool's output quantizer (exact: max commutes with rounding);
-    a ReLU6 Clip whose quantizer saturates at 6 anyway becomes a Relu (exact).
+  - each tensor renorm quantizes (see renorm.quantize.points: conv/linear inputs, the
+    inputs and output of residual Adds and concatenations, the input and output of
+    pooling) is a QuantizeLinear/DequantizeLinear pair in the graph, written by the ONNX
+    exporter from renorm's own fake quantization (uint8, renorm's scale and zero point),
+    so that ONNX Runtime computes what renorm's PyTorch model computes; a ReLU6 Clip whose
+    quantizer saturates at 6 anyway becomes a Relu (exact).
 ONNX Runtime's CPU provider then turns DQ -> Conv -> Q into QLinearConv and DQ -> Add
--> Q into QLinearAdd; `onnx_runtime.integer_operators` counts what the runtime made of a file. The
-Add and pool inputs (and the Add inputs read quantized) are quantization points that
-renorm's PyTorch model does not simulate: parity is measured, not exact.
+-> Q into QLinearAdd; `onnx_runtime.integer_operators` counts what the runtime made of a file.
+A model whose quantizers are input hooks (a file written before renorm had graph points, or a
+model torch.fx cannot trace) gets a pair on each conv/linear input only; its Add and pool
+inputs stay float, unless `calib` images are given: then its activations are calibrated
+again, on the graph points.
 
 `renorm.export.onnx_runtime` runs such a file (and counts the runtime's kernels).
 """
@@ -35,7 +34,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -50,7 +48,7 @@ from renorm.files import check_output, write_atomic
 from renorm.images import Preset
 from renorm.quantize import activations
 from renorm.export.fold import fold_batchnorms
-from renorm.export.onnx_runtime import METADATA_KEY, OnnxModule, require, session
+from renorm.export.onnx_runtime import METADATA_KEY, OnnxModule, require
 from renorm.export.program import MARK as PROGRAM_MARK
 from renorm.quantize.weights import ATTRIBUTE, code_values
 
@@ -75,8 +73,12 @@ def _int8_weights(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tenso
 
 
 def _input_quantizers(model: nn.Module) -> dict[str, activations.ActivationQuantizer]:
+    """Input-hook quantizers by layer name; checks that every activation quantizer (hooks, points) is 8-bit."""
     found = {name: q for name, m in model.named_modules() if (q := getattr(m, activations.ATTRIBUTE, None))}
-    for name, quantizer in found.items():
+    everything = {**found, **{p["point"]: p for p in activations.activation_points(model)}}
+    for name, quantizer in everything.items():
+        quantizer = activations.ActivationQuantizer(**{k: quantizer[k] for k in ("scale", "zero_point", "bits")}) \
+            if isinstance(quantizer, dict) else quantizer
         if quantizer.bits != 8:
             raise RenormError(f"the input of {name!r} is quantized to {quantizer.bits} bits; ONNX export takes "
                               "8-bit activations (--abits 8) or float ones (--abits 32)")
@@ -133,6 +135,18 @@ class _GraphEditor:
         self.initializers = {init.name: init for init in self.graph.initializer}
         self.before: dict[int, list[Any]] = {}  # node index -> new nodes to put just before it
         self.head: list[Any] = []  # new nodes that read only initializers
+        self._constants_to_initializers()
+
+    def _constants_to_initializers(self) -> None:
+        """The exporter writes the scales and zero points of renorm's quantizers as Constant nodes: make
+        them initializers, where the rest of the editing (and ONNX Runtime's fusions) look for them."""
+        readers = {name for node in self.graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear")
+                   for name in node.input[1:]}
+        for node in list(self.graph.node):
+            if node.op_type == "Constant" and node.output[0] in readers and node.attribute[0].name == "value":
+                array = self.onnx.numpy_helper.to_array(node.attribute[0].t)
+                self.graph.node.remove(node)
+                self.constant(node.output[0], array)
 
     def consumers(self, tensor: str) -> list[tuple[int, Any]]:
         return [(i, node) for i, node in enumerate(self.graph.node) if tensor in node.input]
@@ -161,14 +175,10 @@ class _GraphEditor:
         return f"{name}_dequantized"
 
     def qdq(self, tensor: str, quantizer: activations.ActivationQuantizer, before: int) -> str:
-        """tensor -> QuantizeLinear -> DequantizeLinear, uint8; returns the DQ output's name.
-
-        Signed levels use zero point 128 (-128..127 around it), unsigned ones 0..255: uint8
-        activations with int8 weights are ONNX Runtime's fast path on x86, and every input of
-        an Add then has the same type, which its QLinearAdd needs.
-        """
+        """tensor -> QuantizeLinear -> DequantizeLinear, uint8 with the quantizer's zero point; returns the
+        DQ output's name (uint8 activations with int8 weights are ONNX Runtime's fast path on x86)."""
         scale = self.constant(f"{tensor}_scale", np.array(quantizer.scale, np.float32))
-        zero = self.constant(f"{tensor}_zero_point", np.array(128 if quantizer.signed else 0, np.uint8))
+        zero = self.constant(f"{tensor}_zero_point", np.array(quantizer.zero_point, np.uint8))
         helper = self.onnx.helper
         self.before.setdefault(before, []).extend([
             helper.make_node("QuantizeLinear", [tensor, scale, zero], [f"{tensor}_quantized"], name=f"{tensor}_Q"),
@@ -263,28 +273,52 @@ def _insert_activation_pairs(editor: _GraphEditor, tensors: dict, layers: dict[s
         if not readers:
             continue
         if len(readers) == len(editor.consumers(tensor)):  # nothing reads the float tensor any more
-            _drop_saturated_clip(editor, tensor, quantizer)
+            _drop_saturated_clip(editor, tensor, quantizer.scale, quantizer.zero_point)
         dequantized = editor.qdq(tensor, quantizer, min(i for i, _, _ in readers))
         for _, node, slot in readers:
             node.input[slot] = dequantized
 
 
-def _drop_saturated_clip(editor: _GraphEditor, tensor: str, quantizer: activations.ActivationQuantizer) -> None:
+def _drop_saturated_clip(editor: _GraphEditor, tensor: str, scale: float, zero_point: int) -> None:
     """Clip(0, hi) -> Q becomes Relu -> Q when hi already rounds to the top level (exact).
 
     renorm's fitted scale after a ReLU6 is often a hair above 6/255; ONNX Runtime then keeps
     the Clip, and the conv before it cannot run as an integer kernel. When round(hi / scale)
-    is the top level, Q saturates wherever Clip would have cut, so the Clip is redundant.
+    + zero_point is the top level, Q saturates wherever Clip would have cut: the Clip is redundant.
     """
     node = editor.producer(tensor)
-    if node is None or node.op_type != "Clip" or quantizer.signed or len(node.input) < 3:
+    if node is None or node.op_type != "Clip" or len(node.input) < 3:
         return
     bounds = [editor.array(name) if name in editor.initializers else None for name in node.input[1:3]]
     if any(bound is None or bound.size != 1 for bound in bounds) or float(bounds[0]) != 0.0:
         return
-    if round(float(bounds[1]) / quantizer.scale) >= quantizer.limits[1]:
+    if round(float(bounds[1]) / scale) + zero_point >= 255:
         node.op_type = "Relu"
         del node.input[1:]
+
+
+def _drop_saturated_clips(editor: _GraphEditor) -> None:
+    """_drop_saturated_clip for every Clip that only QuantizeLinear nodes read (renorm's graph points)."""
+    for node in list(editor.graph.node):
+        if node.op_type != "Clip":
+            continue
+        readers = [reader for _, reader in editor.consumers(node.output[0])]
+        if readers and all(r.op_type == "QuantizeLinear" and r.input[0] == node.output[0] for r in readers):
+            scales = {(float(editor.array(r.input[1])), int(editor.array(r.input[2])))
+                      for r in readers if r.input[1] in editor.initializers and r.input[2] in editor.initializers}
+            if len(scales) == 1 and len(readers) == len({r.name for r in readers}):
+                _drop_saturated_clip(editor, node.output[0], *scales.pop())
+
+
+def _point_scales(editor: _GraphEditor, layers: dict[str, Any]) -> dict[str, activations.ActivationQuantizer]:
+    """Layer name -> the quantizer of its input, read from the DequantizeLinear that feeds it."""
+    found = {}
+    for name, node in layers.items():
+        source = editor.producer(node.input[0])
+        if source is not None and source.op_type == "DequantizeLinear" and source.input[1] in editor.initializers:
+            zero = int(editor.array(source.input[2])) if len(source.input) > 2 and source.input[2] else 0
+            found[name] = activations.ActivationQuantizer(float(editor.array(source.input[1])), zero, 8)
+    return found
 
 
 def _stretch_levels(integers: np.ndarray, scale: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -333,41 +367,7 @@ def _quantize_weights(editor: _GraphEditor, layers: dict[str, Any], weights: dic
     return counts
 
 
-def _calibrate(proto: Any, tensors: list[str], images: Any, num_images: int, batch_size: int,
-               max_samples: int = 1 << 20, seed: int = 0) -> dict[str, activations.ActivationQuantizer]:
-    """Fit a scale for each named tensor of the float graph on `images`, as renorm fits its input scales."""
-    onnx = require("onnx")
-    from renorm.data import Batches
-
-    probe = copy.deepcopy(proto)
-    known = {output.name for output in probe.graph.output}
-    probe.graph.output.extend([onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
-                               for t in tensors if t not in known])
-    with tempfile.TemporaryDirectory() as folder:
-        onnx.save(probe, str(Path(folder) / "probe.onnx"))
-        runner = session(Path(folder) / "probe.onnx")
-    names = [output.name for output in runner.get_outputs()]
-    generator = torch.Generator().manual_seed(seed)
-    samples: dict[str, list[torch.Tensor]] = {t: [] for t in tensors}
-    max_abs, negative, seen = dict.fromkeys(tensors, 0.0), dict.fromkeys(tensors, False), 0
-    for batch in Batches(images, batch_size).images():
-        batch = batch[: num_images - seen]
-        outputs = dict(zip(names, runner.run(None, {runner.get_inputs()[0].name: batch.numpy()})))
-        for t in tensors:
-            x = torch.from_numpy(outputs[t]).reshape(-1)
-            max_abs[t], negative[t] = max(max_abs[t], float(x.abs().max())), negative[t] or bool((x < 0).any())
-            budget = max(1, max_samples * len(batch) // num_images)
-            samples[t].append(x[torch.randint(x.numel(), (budget,), generator=generator)] if x.numel() > budget else x)
-        seen += len(batch)
-        if seen >= num_images:
-            break
-    if seen == 0:
-        raise RenormError("no images to calibrate the ONNX graph's extra quantization points on")
-    return {t: activations.fit_activation_scale(torch.cat(samples[t]), max_abs[t], negative[t], 8) for t in tensors}
-
-
-def _quantize_graph(proto: Any, model: nn.Module, weights: dict, inputs: dict, calib: Any, calib_images: int,
-                    batch_size: int) -> dict[str, Any]:
+def _quantize_graph(proto: Any, model: nn.Module, weights: dict, inputs: dict) -> dict[str, Any]:
     editor = _GraphEditor(proto)
     modules = dict(model.named_modules())
     layers = {}
@@ -377,13 +377,18 @@ def _quantize_graph(proto: Any, model: nn.Module, weights: dict, inputs: dict, c
             raise RenormError(f"the exported graph has no node for the quantized layer {name!r} (the exporter "
                               "merged or renamed it); ONNX export cannot keep its integer weights")
         layers[name] = node
-    tensors, missing = _activation_points(editor, layers, inputs)
-    extra = _calibrate(proto, missing, calib, calib_images, batch_size) if missing and calib is not None else {}
-    tensors.update(extra)
-    input_quantizers = {name: tensors[node.input[0]] for name, node in layers.items() if node.input[0] in tensors}
-    _insert_activation_pairs(editor, tensors, layers, inputs)
-    summary = {**_quantize_weights(editor, layers, weights, input_quantizers), "quantized_tensors": len(tensors),
-               "calibrated_for_export": len(extra), "float_add_inputs": len(missing) - len(extra)}
+    if inputs:  # input hooks (an older file, or a model torch.fx cannot trace): pairs on conv/linear inputs
+        tensors, missing = _activation_points(editor, layers, inputs)
+        input_quantizers = {name: tensors[node.input[0]] for name, node in layers.items() if node.input[0] in tensors}
+        _insert_activation_pairs(editor, tensors, layers, inputs)
+        quantized = len(tensors)
+    else:  # renorm's graph points: the exporter wrote their Q/DQ pairs
+        _drop_saturated_clips(editor)
+        input_quantizers = _point_scales(editor, layers)
+        quantized = sum(node.op_type == "QuantizeLinear" for node in editor.graph.node)
+        missing = []
+    summary = {**_quantize_weights(editor, layers, weights, input_quantizers), "quantized_tensors": quantized,
+               "float_add_inputs": len(missing)}
     editor.finish()
     return summary
 
@@ -397,9 +402,10 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor | None
 
     example: one or more input images (only their shape matters; the batch size stays
     free in the file); by default the first calibration image. calib: unlabeled images
-    (anything renorm.Batches takes) on which the first `calib_images` fit a scale for each
-    input of a residual Add or global pool that renorm's model leaves in float, so the
-    convs before them run as integer kernels; without calib those inputs stay float.
+    (anything renorm.Batches takes); for a model whose activation quantizers are input
+    hooks (a file from an older renorm), its first `calib_images` calibrate the
+    activations again, on every tensor an INT8 graph quantizes (else the residual Add
+    and pool inputs stay float). A model calibrated by this renorm is exported as it is.
     spec / preset / num_classes go into the file's metadata so that `renorm evaluate
     FILE.onnx` preprocesses images as the model expects. protected: input files never to
     overwrite. The model is not modified.
@@ -424,10 +430,18 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor | None
     prepared = copy.deepcopy(model).eval()
     weights = _int8_weights(prepared)
     inputs = _input_quantizers(prepared)
-    activations.detach(prepared)
+    recalibrated = bool(inputs) and calib is not None
+    if recalibrated:
+        activations.calibrate_activations(prepared, calib, activations.ActivationQuantConfig(
+            bits=8, num_images=calib_images), batch_size, inplace=True)
+        inputs = _input_quantizers(prepared)
+    for module in prepared.modules():  # input hooks become explicit pairs below; graph points stay
+        if getattr(module, activations.ATTRIBUTE, None) is not None:
+            activations.detach_input(module)
     folded = fold_batchnorms(prepared, weights, example[:1].to(torch.float32))
     proto = _to_float_graph(prepared, example[:1].to(torch.float32))
-    summary = _quantize_graph(proto, prepared, weights, inputs, calib, calib_images, batch_size)
+    summary = _quantize_graph(proto, prepared, weights, inputs)
+    summary["recalibrated"] = recalibrated
     metadata = {"renorm_version": __version__, "spec": spec, "num_classes": num_classes,
                 "preset": preset.describe() if preset else None}
     onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(metadata)})

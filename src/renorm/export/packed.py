@@ -13,6 +13,7 @@ model is the whole module pickled, with a warning; such a file loads with trust_
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -103,15 +104,21 @@ def save_compressed(path: str | Path, model: nn.Module, loaded: LoadedModel | No
         "quantized": {name: {"codes": pack_codes(q.codes, q.bits), "shape": list(q.codes.shape), "scale": q.scale,
                              "scheme": q.scheme, "bits": q.bits, "axis": q.axis,
                              "relative_error": q.relative_error} for name, q in quantized.items()},
-        "activations": {name: {"scale": q.scale, "signed": q.signed, "bits": q.bits, "relative_error": q.relative_error}
+        "activations": {name: {"scale": q.scale, "zero_point": q.zero_point, "bits": q.bits,
+                               "relative_error": q.relative_error}
                         for name, m in model.named_modules() if (q := getattr(m, activations.ATTRIBUTE, None))},
+        "activation_points": activations.activation_points(model),
         "masks": {name: pack_mask(m) for name, module in model.named_modules()
                   if (m := getattr(module, MASK_ATTRIBUTE, None)) is not None},
         "pruned_channels": getattr(model, "_renorm_pruned_channels", None),
     }
     if kind not in SPEC_KINDS:
         payload.update(_architecture_without_spec(model, loaded, preset, example))
-    content = payload if not payload.get("pickled_module") else {**payload, "module": model}
+    content = payload
+    if payload.get("pickled_module"):  # the module without its quantizers: they are restored from the payload
+        bare = copy.deepcopy(model)
+        activations.detach(bare)
+        content = {**payload, "module": bare}
     return write_atomic(path, lambda handle: torch.save(content, handle))
 
 
@@ -175,12 +182,16 @@ def load_compressed(payload: dict[str, Any], path: Path, build: Callable[[dict[s
     for name, mask in payload.get("masks", {}).items():
         set_mask(modules[name], unpack_mask(mask))
     for name, entry in payload.get("activations", {}).items():
-        quantizer = activations.ActivationQuantizer(entry["scale"], entry["signed"], entry["bits"],
+        # files before zero points held "signed" (levels -127..127): zero point 2^(bits-1) on 0..2^bits-1
+        zero_point = entry["zero_point"] if "zero_point" in entry else (2 ** (entry["bits"] - 1) if entry["signed"] else 0)
+        quantizer = activations.ActivationQuantizer(entry["scale"], zero_point, entry["bits"],
                                                     entry.get("relative_error", float("nan")))
         if kind == "program":  # the program quantizes already; kept for the record (reports) only
             setattr(modules[name], activations.ATTRIBUTE, quantizer)
         else:
             activations.attach(modules[name], quantizer)
+    if payload.get("activation_points") and kind != "program":
+        activations.install_points(model, payload["activation_points"])
     if payload.get("pruned_channels"):
         model._renorm_pruned_channels = payload["pruned_channels"]
     preset = Preset(**{**payload["preset"], "mean": tuple(payload["preset"]["mean"]),
