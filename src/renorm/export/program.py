@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from renorm.errors import RenormError, one_line
+from renorm.quantize.points import PointsForward
 from renorm.quantize.weights import ATTRIBUTE, MASK_ATTRIBUTE
 
 MARK = "_renorm_program"  # set on a model rebuilt from a program: it can be evaluated, not edited
@@ -48,6 +49,9 @@ def export_program(model: nn.Module, example: torch.Tensor) -> bytes:
     NotExportable when torch.export cannot trace the model.
     """
     traced = copy.deepcopy(model).cpu().eval()
+    points = traced.__dict__.pop("forward", None)  # activation points replace forward by an fx graph runner
+    if isinstance(points, PointsForward):  # export that graph itself: same submodules, a real forward(x)
+        traced = torch.fx.GraphModule(traced, points.graph).eval()
     for module in traced.modules():  # codes and masks are kept in the renorm file, packed
         module._buffers.pop(MASK_ATTRIBUTE, None)
         module._modules.pop(ATTRIBUTE, None)  # else torch.export keeps its buffers as constants
