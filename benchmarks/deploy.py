@@ -24,7 +24,8 @@ shared machine moves all three alike; the ratios are the numbers to read.
 parity-lite0: EfficientNet-Lite0 (its real weights, where renorm[zoo] is installed), W8A8
 and W4A8 uniform with shift re-normalization, calibrated on 500 crops of photos:calib:
 agreement with the FP32 model on 500 crops of photos:eval of the PyTorch model and of the
-ONNX file, and their top-1 agreement with each other.
+ONNX file, their top-1 agreement with each other and KL between them, and how close to a
+tie (softmax margin between the first two classes) the crops are that they split.
 
 openvino: the same FP32 and renorm W8A8 ONNX files as speed, compiled by OpenVINO for the
 CPU (`pip install openvino`; skipped without it) with INFERENCE_NUM_THREADS =
@@ -120,17 +121,24 @@ def lite0_parity(quick: bool, folder: Path) -> list:
         torch_logits, _ = predict(model, test, 50)
         onnx_logits, _ = predict(OnnxModule(path, threads=THREADS), test, 50)
         integer, floats = kernel_summary(path)
+        between = agreement(onnx_logits, torch_logits)
+        top2 = torch_logits.softmax(1).topk(2, dim=1).values
+        margin = top2[:, 0] - top2[:, 1]  # how close each crop is to a tie between its first two classes
+        split = torch_logits.argmax(1) != onnx_logits.argmax(1)
         row = ["efficientnet-lite0", setting + ", shift", agreement(torch_logits, fp32_logits)["agreement_top1"],
-               agreement(onnx_logits, fp32_logits)["agreement_top1"],
-               agreement(onnx_logits, torch_logits)["agreement_top1"], integer, floats,
-               f"{summary['bytes'] / 1e6:.2f}"]
+               agreement(onnx_logits, fp32_logits)["agreement_top1"], between["agreement_top1"],
+               f"{between['kl']:.4f}", f"{agreement(torch_logits, fp32_logits)['kl']:.4f}",
+               f"{float(margin[split].median()):.3f}" if split.any() else "-", f"{float(margin.median()):.3f}",
+               integer, floats, f"{summary['bytes'] / 1e6:.2f}"]
         rows.append(row)
         print(markdown_table(LITE0_PARITY_HEADER, [row]).splitlines()[-1], flush=True)
     return rows
 
 
 LITE0_PARITY_HEADER = ["model", "setting", "PyTorch: agreement with FP32 top-1 %", "ONNX: agreement with FP32 top-1 %",
-                       "ONNX vs PyTorch top-1 agreement %", "integer kernels (ORT)", "float convs", "ONNX MB"]
+                       "ONNX vs PyTorch top-1 agreement %", "KL(PyTorch || ONNX)", "KL(FP32 || PyTorch)",
+                       "median top-2 margin, crops they split", "median top-2 margin, all crops",
+                       "integer kernels (ORT)", "float convs", "ONNX MB"]
 
 PARITY_HEADER = ["model", "setting", "PyTorch top-1 %", "ONNX top-1 %", "agreement top-1 %", "integer kernels (ORT)",
                  "float convs", "ONNX MB"]
