@@ -188,6 +188,11 @@ def _latency(sessions: dict[str, object], batch: int, runs: int) -> dict[str, fl
 
 
 def speed(quick: bool, folder: Path, models: list[str]) -> tuple[list, dict]:
+    return _per_model(models, lambda name, fp32, images: _speed_row(name, fp32, images, folder, quick), SPEED_HEADER)
+
+
+def _per_model(models: list[str], make_row, header: list[str]) -> tuple[list, dict]:
+    """make_row(name, fp32, images) -> (row, details) for each installed model; a failure costs only its row."""
     images = torch.randn(32, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     rows, data = [], {}
     for name in models:
@@ -196,24 +201,19 @@ def speed(quick: bool, folder: Path, models: list[str]) -> tuple[list, dict]:
             print(f"{name}: not installed, skipped", flush=True)
             continue
         try:
-            row, details = _speed_row(name, fp32, images, folder, quick)
+            row, details = make_row(name, fp32, images)
         except Exception as error:  # noqa: BLE001 - one model's failure should not lose the others' rows
             print(f"{name}: failed: {error}", flush=True)
             continue
         rows.append(row)
         data[name] = details
-        print(markdown_table(SPEED_HEADER, [row]).splitlines()[-1], flush=True)
+        print(markdown_table(header, [row]).splitlines()[-1], flush=True)
     return rows, data
 
 
 def _speed_row(name: str, fp32: torch.nn.Module, images: torch.Tensor, folder: Path, quick: bool) -> tuple[list, dict]:
-    paths = {k: folder / f"{name}-{k}.onnx" for k in ("fp32", "renorm", "ort")}
-    export_onnx(fp32, paths["fp32"], images[:1])  # no quantizer: the float graph, BatchNorm folded
-    start = time.perf_counter()
-    model = compress(fp32, images, Config(wbits=8, scheme="uniform", abits=8, num_images=32, act_images=32,
-                                          renorm="none", batch_size=8)).model
-    export_onnx(model, paths["renorm"], images[:1], calib=images, calib_images=32, batch_size=8)
-    renorm_seconds = time.perf_counter() - start
+    paths, renorm_seconds = _exports(name, fp32, images, folder)
+    paths["ort"] = folder / f"{name}-ort.onnx"
     _ort_quantize_static(paths["fp32"], paths["ort"], images.numpy(), folder)
     sessions = {k: session(p, threads=THREADS) for k, p in paths.items()}
     integer, floats = kernel_summary(paths["renorm"])
@@ -230,14 +230,16 @@ def _speed_row(name: str, fp32: torch.nn.Module, images: torch.Tensor, folder: P
     return row, details
 
 
-def _exports(name: str, fp32: torch.nn.Module, images: torch.Tensor, folder: Path) -> dict[str, Path]:
-    """The FP32 graph (BatchNorm folded) and renorm's W8A8 graph of a speed model, as ONNX files."""
+def _exports(name: str, fp32: torch.nn.Module, images: torch.Tensor, folder: Path) -> tuple[dict[str, Path], float]:
+    """The FP32 graph (no quantizer, BatchNorm folded) and renorm's W8A8 graph of a speed model as ONNX files,
+    and the seconds renorm took to quantize and export."""
     paths = {k: folder / f"{name}-{k}.onnx" for k in ("fp32", "renorm")}
     export_onnx(fp32, paths["fp32"], images[:1])
+    start = time.perf_counter()
     model = compress(fp32, images, Config(wbits=8, scheme="uniform", abits=8, num_images=32, act_images=32,
                                           renorm="none", batch_size=8)).model
     export_onnx(model, paths["renorm"], images[:1], calib=images, calib_images=32, batch_size=8)
-    return paths
+    return paths, time.perf_counter() - start
 
 
 class _OpenVinoRunner:
@@ -274,29 +276,21 @@ def openvino_speed(quick: bool, folder: Path, models: list[str]) -> tuple[list, 
     except ImportError:
         print("openvino: not installed (pip install openvino), skipped", flush=True)
         return [], {}
-    images = torch.randn(32, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-    rows, data = [], {}
-    for name in models:
-        fp32 = speed_model(name)
-        if fp32 is None:
-            print(f"{name}: not installed, skipped", flush=True)
-            continue
-        try:
-            paths = _exports(name, fp32, images, folder)
-            row = [name]
-            for batch, runs in ((1, 10 if quick else 30), (32, 3 if quick else 8)):
-                runners = {k: _OpenVinoRunner(p, batch) for k, p in paths.items()}
-                ms = _latency(runners, batch, runs)
-                row += [ms["fp32"], ms["renorm"], ms["fp32"] / ms["renorm"]]
-            row.append(runners["renorm"].integer_share())
-        except Exception as error:  # noqa: BLE001 - one model's failure should not lose the others' rows
-            print(f"{name}: failed: {error}", flush=True)
-            continue
-        rows.append(row)
-        data[name] = dict(zip(["model", "b1_fp32_ms", "b1_renorm_ms", "b1_speedup", "b32_fp32_ms", "b32_renorm_ms",
-                               "b32_speedup", "integer_convs"], row))
-        print(markdown_table(OPENVINO_HEADER, [row]).splitlines()[-1], flush=True)
-    return rows, data
+    return _per_model(models, lambda name, fp32, images: _openvino_row(name, fp32, images, folder, quick),
+                      OPENVINO_HEADER)
+
+
+def _openvino_row(name: str, fp32: torch.nn.Module, images: torch.Tensor, folder: Path, quick: bool
+                  ) -> tuple[list, dict]:
+    paths, _ = _exports(name, fp32, images, folder)
+    row = [name]
+    for batch, runs in ((1, 10 if quick else 30), (32, 3 if quick else 8)):
+        runners = {k: _OpenVinoRunner(p, batch) for k, p in paths.items()}
+        ms = _latency(runners, batch, runs)
+        row += [ms["fp32"], ms["renorm"], ms["fp32"] / ms["renorm"]]
+    row.append(runners["renorm"].integer_share())
+    return row, dict(zip(["model", "b1_fp32_ms", "b1_renorm_ms", "b1_speedup", "b32_fp32_ms", "b32_renorm_ms",
+                          "b32_speedup", "integer_convs"], row))
 
 
 OPENVINO_HEADER = ["model", "b1 FP32 ms", "b1 renorm INT8 ms", "x", "b32 FP32 ms", "b32 renorm INT8 ms", "x",
@@ -408,6 +402,13 @@ FILES_HEADER = ["model", "setting", "fp32 state_dict MB", "fp32 / (codes + other
                 "W4 pickled module MB", "fp32 / file", "program reloads exactly", "program save s"]
 
 
+def _timed(part: dict) -> str:
+    """The command, provenance and load of a timed part."""
+    before, after = part["load_average"]["before"][0], part["load_average"]["after"][0]
+    return (f"`{part['command']}` ({part['provenance']}); 1-minute load average {before:.2f} before, {after:.2f} "
+            "after (2 cores, shared); x = FP32 latency / INT8 latency, measured interleaved in the same run")
+
+
 def render(data: dict) -> str:
     """The markdown of every part in `data` (each part keeps the command and provenance it ran with)."""
     body = []
@@ -425,17 +426,11 @@ def render(data: dict) -> str:
                  markdown_table(LITE0_PARITY_HEADER, part["rows"])]
     if "rows" in data.get("speed", {}):
         part = data["speed"]
-        before, after = part["load_average"]["before"][0], part["load_average"]["after"][0]
-        body += [f"### Speed and size at 224 px, {part['threads']} threads\n\n`{part['command']}` ({part['provenance']}); "
-                 f"1-minute load average {before:.2f} before, {after:.2f} after (2 cores, shared); x = FP32 latency / "
-                 "INT8 latency, measured interleaved in the same run; MB = 10^6 bytes",
+        body += [f"### Speed and size at 224 px, {part['threads']} threads\n\n{_timed(part)}; MB = 10^6 bytes",
                  markdown_table(SPEED_HEADER, part["rows"])]
     if "rows" in data.get("openvino", {}):
         part = data["openvino"]
-        before, after = part["load_average"]["before"][0], part["load_average"]["after"][0]
-        body += [f"### OpenVINO {part['version']}: the same ONNX files, {part['threads']} threads\n\n`{part['command']}` "
-                 f"({part['provenance']}); 1-minute load average {before:.2f} before, {after:.2f} after (2 cores, "
-                 "shared); x = FP32 latency / INT8 latency, measured interleaved in the same run",
+        body += [f"### OpenVINO {part['version']}: the same ONNX files, {part['threads']} threads\n\n{_timed(part)}",
                  markdown_table(OPENVINO_HEADER, part["rows"])]
     if "rows" in data.get("files", {}):
         part = data["files"]
