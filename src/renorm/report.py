@@ -54,15 +54,14 @@ def stage(stages: dict[str, dict], name: str) -> Iterator[dict]:
     of PyTorch's CUDA memory (peak_gpu_mb) when CUDA is in use; the GPU's queued work is waited
     for before the clock stops."""
     reset_peak_rss()
-    gpu = torch.cuda.is_available() and torch.cuda.is_initialized()
-    if gpu:
+    if torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats()
     record: dict[str, Any] = {}
     start = time.perf_counter()
     try:
         yield record
     finally:
-        if gpu or torch.cuda.is_available() and torch.cuda.is_initialized():
+        if torch.cuda.is_initialized():  # in use before the stage or since
             torch.cuda.synchronize()
             record["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
         record["seconds"] = round(time.perf_counter() - start, 3)

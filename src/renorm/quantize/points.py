@@ -15,7 +15,6 @@ restores it.
 """
 from __future__ import annotations
 
-import inspect
 
 import operator
 from typing import Any, Callable
@@ -76,15 +75,9 @@ class PointsForward:
 
     def __init__(self, model: nn.Module, graph: torch.fx.Graph):
         self.model, self.graph = model, graph
-        # the signature of the forward it replaces (one parameter per graph input), so that callers that
-        # inspect it (torch.export, keyword calls) see `forward(x)`, not `forward(*args)`
-        names = [node.target for node in graph.nodes if node.op == "placeholder"]
-        self.__signature__ = inspect.Signature([inspect.Parameter(name.lstrip("*"), inspect.Parameter.POSITIONAL_OR_KEYWORD)
-                                                for name in names])
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        bound = self.__signature__.bind(*args, **kwargs)
-        return torch.fx.Interpreter(self.model, graph=self.graph).run(*bound.args)
+    def __call__(self, *args: Any) -> Any:
+        return torch.fx.Interpreter(self.model, graph=self.graph).run(*args)
 
 
 def _module(modules: dict, node: torch.fx.Node) -> nn.Module | None:
