@@ -1,0 +1,91 @@
+"""Lite0's agreement on photos:eval: how much is the calibration sample, how much the photos?
+
+    python -m benchmarks.photo_spread [--subsets 3] [--dampings 0.1 0.3] [--bits 4 --scheme uniform]
+
+EfficientNet-Lite0, first/last 8-bit, the rest at --bits. For each of --subsets seeded
+calibration samples (256 of the first 500 crops of photos:calib:1000; subset s is
+torch.randperm(500) under seed s): round to nearest + shift, and GPTQ reconstruction on
+the 256 crops at each damping (with and without shift). Each model is scored twice
+against the FP32 model: on photos:eval:500 (four *other* photos: what the issue's
+targets are measured on) and on crops 500-999 of photos:calib (the calibration photos,
+crops not used: in the calibration's own domain). Writes docs/results/photo_spread.md.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from benchmarks.common import markdown_table, write_result
+from renorm.data import Batches, open_images
+from renorm.evaluate import agreement, predict
+from renorm.models import load_model
+from renorm.quantize.weights import WeightQuantConfig, quantize_weights
+from renorm.reconstruct import ReconstructConfig, reconstruct
+from renorm.renormalize import renormalize
+
+CALIBRATION = 256  # crops per subset (reconstruct's default number of images)
+POOL = 500  # subsets are drawn from the first POOL crops of photos:calib; the next POOL are held out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--subsets", type=int, default=3)
+    parser.add_argument("--dampings", type=float, nargs="+", default=[0.1, 0.3])
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--scheme", default="uniform")
+    args = parser.parse_args()
+    loaded = load_model("efficientnet-lite0")
+    fp32 = loaded.model
+    pool = Batches(open_images(f"photos:calib:{2 * POOL}", loaded.preset), 50).first(2 * POOL)
+    sets = {"eval": Batches(open_images(f"photos:eval:{POOL}", loaded.preset), 50).first(POOL), "held": pool[POOL:]}
+    references = {name: predict(fp32, images, 50)[0] for name, images in sets.items()}
+    quantized = quantize_weights(fp32, WeightQuantConfig(args.bits, args.scheme))
+    results: dict[str, list[dict]] = {}
+
+    def score(label: str, model: torch.nn.Module, subset: int) -> None:
+        row = {name: agreement(predict(model, images, 50)[0], references[name]) for name, images in sets.items()}
+        results.setdefault(label, []).append({"subset": subset, **row})
+        print(label, subset, row, flush=True)
+
+    for subset in range(1, args.subsets + 1):
+        calib = pool[:POOL][torch.randperm(POOL, generator=torch.Generator().manual_seed(subset))[:CALIBRATION]]
+        score("round to nearest + shift", renormalize(quantized, calib, "shift", reference=fp32), subset)
+        for damping in args.dampings:
+            rebuilt = reconstruct(quantized, fp32, calib, ReconstructConfig(damping=damping, num_images=CALIBRATION))
+            score(f"GPTQ, damping {damping:g}", rebuilt, subset)
+            score(f"GPTQ, damping {damping:g} + shift", renormalize(rebuilt, calib, "shift", reference=fp32), subset)
+
+    def cells(row: dict) -> list[str]:
+        return [f"{row[name]['agreement_top1']:.1f} / {row[name]['agreement_top5']:.1f} / {row[name]['kl']:.3f}"
+                for name in sets]
+
+    def spread(rows: list[dict], name: str, key: str, digits: int) -> str:
+        values = [row[name][key] for row in rows]
+        return f"{statistics.mean(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+    per_subset = markdown_table(["setting", "subset", "photos:eval top-1 / top-5 / KL",
+                                 "held-out crops of the calibration photos top-1 / top-5 / KL"],
+                                [[label, str(row["subset"]), *cells(row)] for label, rows in results.items()
+                                 for row in rows])
+    summary = markdown_table(["setting", "photos:eval top-1", "photos:eval KL", "held-out top-1", "held-out KL"],
+                             [[label, spread(rows, "eval", "agreement_top1", 1), spread(rows, "eval", "kl", 3),
+                               spread(rows, "held", "agreement_top1", 1), spread(rows, "held", "kl", 3)]
+                              for label, rows in results.items()])
+    options = "" if (args.subsets, args.dampings, args.bits, args.scheme) == (3, [0.1, 0.3], 4, "uniform") else \
+        f" --subsets {args.subsets} --dampings {' '.join(f'{d:g}' for d in args.dampings)} --bits {args.bits} " \
+        f"--scheme {args.scheme}"
+    body = (f"EfficientNet-Lite0, W{args.bits} {args.scheme} (first/last 8-bit). Each subset: {CALIBRATION} of the "
+            f"first {POOL} crops of photos:calib:{2 * POOL} (seeded permutation), used for reconstruction and "
+            f"re-normalization. Agreement with FP32 (top-1 % / top-5 % / KL(FP32 || model)) on photos:eval:{POOL} "
+            f"(four other photos) and on crops {POOL}-{2 * POOL - 1} of photos:calib (same five photos, crops not "
+            f"used). Mean (min-max) over the {args.subsets} subsets:\n\n" + summary + "\n\nPer subset:\n\n"
+            + per_subset)
+    write_result("photo_spread", "Agreement on other photos and on the calibration photos, per calibration subset",
+                 f"python -m benchmarks.photo_spread{options}", body,
+                 {"bits": args.bits, "scheme": args.scheme, "results": results})
+
+
+if __name__ == "__main__":
+    main()
