@@ -43,6 +43,7 @@ reconstruction = importlib.import_module("renorm.reconstruct")
 METHODS = {"rtn": None, "gptq": {"method": "gptq"}, "gptq, damping 0.01": {"method": "gptq", "damping": 0.01},
            "gptq, damping auto": {"method": "gptq", "damping": "auto"},
            "gptq, FP32 inputs": {"method": "gptq", "inputs": "fp32"},
+           "gptq, 500 images": {"method": "gptq", "num_images": 500},
            "adaround": {"method": "adaround"}, "nearest": {"method": "nearest"}}
 ALL = ("rtn", "gptq", "gptq, damping 0.01", "gptq, FP32 inputs", "adaround")
 LITE0_SETTINGS = (("W4 uniform", 4, "uniform", (), ALL),
@@ -53,10 +54,13 @@ FMNIST_SETTINGS = (("W4A8 uniform", 4, "uniform", 8), ("W4A8 pow2", 4, "pow2", 8
                    ("W2 uniform", 2, "uniform", 32))
 # adaround where it fits a CPU budget: mobilenet_v2 at W2 only (805 s at W4A8 on one thread of a shared machine);
 # resnet18's 3x3 convs have K = 4608 inputs per row, ~30 GFLOP per Adam step, far outside it
-FMNIST_METHODS = {"fmnist-mobilenet_v2": {"W2 uniform": ("rtn", "gptq", "gptq, damping 0.01", "gptq, FP32 inputs",
-                                                          "adaround")},
-                  "fmnist-resnet18": {"W2 uniform": ("rtn", "gptq", "gptq, damping 0.01", "gptq, FP32 inputs")}}
 FMNIST_DEFAULT = ("rtn", "gptq", "gptq, FP32 inputs")
+FMNIST_METHODS = {"fmnist-mobilenet_v2": {"W2 uniform": ("rtn", "gptq", "gptq, damping 0.01", "gptq, FP32 inputs",
+                                                          "gptq, 500 images", "adaround"),
+                                          "W3 uniform": FMNIST_DEFAULT + ("gptq, 500 images",)},
+                  "fmnist-resnet18": {"W2 uniform": ("rtn", "gptq", "gptq, damping 0.01", "gptq, FP32 inputs",
+                                                     "gptq, 500 images"),
+                                      "W3 uniform": FMNIST_DEFAULT + ("gptq, 500 images",)}}
 
 
 EARLIER_COMMIT = "ee00610"  # rows in reconstruct.json without a "commit" field were measured there
@@ -96,7 +100,7 @@ def reconstructed(fp32, quantized, calib, method: str, images: int) -> tuple[tor
     if METHODS[method] is None:
         return quantized, {"seconds": 0.0, "peak_rss_mb": None}
     stages: dict[str, dict] = {}
-    config = reconstruction.ReconstructConfig(num_images=images, **METHODS[method])
+    config = reconstruction.ReconstructConfig(**{"num_images": images, **METHODS[method]})
     with stage(stages, "reconstruct"):
         model = reconstruction.reconstruct(quantized, fp32, calib, config)
     return model, stages["reconstruct"]
@@ -144,7 +148,7 @@ def fmnist_rows(name: str, args, data_cache: dict) -> list[dict]:
                     final = calibrate_activations(final, calib, ActivationQuantConfig(bits=abits))
                 result[mode] = top1(final, test_x, test_y)
             data.append({"weights": label, "method": method, **result, **cost, "test": names["test"],
-                         "images": args.images, "commit": COMMIT})
+                         "images": (METHODS[method] or {}).get("num_images", args.images), "commit": COMMIT})
             print(data[-1], flush=True)
     return data
 
@@ -279,7 +283,8 @@ def write(args, rows: dict[str, list[dict]]) -> None:
             "`gptq, damping 0.01`: GPTQ's usual damping (renorm's default before 6d216d7; the rows marked \"at "
             "ee00610\" ran with it); `gptq, damping auto`: damping chosen per layer by cross-validation over two folds "
             "of the images (fitted on one, scored on the other; at 73bd706); `gptq, FP32 "
-            "inputs`: the same with every layer's inputs from the FP32 network. Then re-normalization (`no renorm`: "
+            "inputs`: the same with every layer's inputs from the FP32 network; `gptq, 500 images`: the default on 500 "
+            "calibration images (`--reconstruct-images 500`). Then re-normalization (`no renorm`: "
             "the statistics reconstruction left) and, for A8 rows, 8-bit activations. Times on a shared 2-core "
             "machine.\n\n" + render(data))
     command = "python -m benchmarks.reconstruct" + (" --quick" if args.quick else "")
