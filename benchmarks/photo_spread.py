@@ -1,6 +1,6 @@
 """Lite0's agreement on photos:eval: how much is the calibration sample, how much the photos?
 
-    python -m benchmarks.photo_spread [--subsets 3] [--dampings 0.1 0.3] [--settings "W4 uniform" ...]
+    python -m benchmarks.photo_spread [--subsets 3] [--dampings 0.1 0.3] [--sweeps 0] [--settings "W4 uniform" ...]
 
 EfficientNet-Lite0, first/last 8-bit, the rest as each of --settings says (the
 weight settings of benchmarks.reconstruct's Lite0 table). For each of --subsets seeded
@@ -37,6 +37,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subsets", type=int, default=3)
     parser.add_argument("--dampings", type=float, nargs="+", default=[0.1, 0.3])
+    parser.add_argument("--sweeps", type=int, nargs="+", default=[0],
+                        help="coordinate-descent sweeps after GPTQ (ReconstructConfig.sweeps); one row each")
     settings = {label: (bits, scheme, layer_bits) for label, bits, scheme, layer_bits, _ in LITE0_SETTINGS}
     parser.add_argument("--settings", nargs="+", default=["W4 uniform"], choices=list(settings))
     parser.add_argument("--out", default="photo_spread", help="result name under docs/results/")
@@ -61,11 +63,12 @@ def main() -> None:
             calib = pool[:POOL][torch.randperm(POOL, generator=torch.Generator().manual_seed(subset))[:CALIBRATION]]
             score(f"{prefix}round to nearest + shift", renormalize(quantized, calib, "shift", reference=fp32), subset)
             for damping in args.dampings:
-                rebuilt = reconstruct(quantized, fp32, calib, ReconstructConfig(damping=damping,
-                                                                                  num_images=CALIBRATION))
-                score(f"{prefix}GPTQ, damping {damping:g}", rebuilt, subset)
-                score(f"{prefix}GPTQ, damping {damping:g} + shift",
-                      renormalize(rebuilt, calib, "shift", reference=fp32), subset)
+                for sweeps in args.sweeps:
+                    rebuilt = reconstruct(quantized, fp32, calib, ReconstructConfig(damping=damping, sweeps=sweeps,
+                                                                                      num_images=CALIBRATION))
+                    label = f"{prefix}GPTQ, damping {damping:g}" + (f", {sweeps} sweeps of descent" if sweeps else "")
+                    score(label, rebuilt, subset)
+                    score(f"{label} + shift", renormalize(rebuilt, calib, "shift", reference=fp32), subset)
 
     def cells(row: dict) -> list[str]:
         return [f"{row[name]['agreement_top1']:.1f} / {row[name]['agreement_top5']:.1f} / {row[name]['kl']:.3f}"
@@ -83,9 +86,10 @@ def main() -> None:
                              [[label, spread(rows, "eval", "agreement_top1", 1), spread(rows, "eval", "kl", 3),
                                spread(rows, "held", "agreement_top1", 1), spread(rows, "held", "kl", 3)]
                               for label, rows in results.items()])
-    options = "" if (args.subsets, args.dampings, args.settings, args.out) == (3, [0.1, 0.3], ["W4 uniform"],
-                                                                              "photo_spread") else \
-        f" --subsets {args.subsets} --dampings {' '.join(f'{d:g}' for d in args.dampings)} --settings " \
+    options = "" if (args.subsets, args.dampings, args.sweeps, args.settings, args.out) == (
+        3, [0.1, 0.3], [0], ["W4 uniform"], "photo_spread") else \
+        f" --subsets {args.subsets} --dampings {' '.join(f'{d:g}' for d in args.dampings)}" \
+        + (f" --sweeps {' '.join(str(s) for s in args.sweeps)}" if args.sweeps != [0] else "") + " --settings " \
         + " ".join(f'"{setting}"' for setting in args.settings) + f" --out {args.out}"
     body = (f"EfficientNet-Lite0, {', '.join(args.settings)} (first/last 8-bit). Each subset: {CALIBRATION} of the "
             f"first {POOL} crops of photos:calib:{2 * POOL} (seeded permutation), used for reconstruction and "

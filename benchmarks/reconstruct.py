@@ -44,6 +44,8 @@ METHODS = {"rtn": None, "gptq": {"method": "gptq"}, "gptq, damping 0.01": {"meth
            "gptq, damping auto": {"method": "gptq", "damping": "auto"},
            "gptq, FP32 inputs": {"method": "gptq", "inputs": "fp32"},
            "gptq, 500 images": {"method": "gptq", "num_images": 500},
+           "gptq + descent": {"method": "gptq", "sweeps": 3},
+           "gptq + descent, 500 images": {"method": "gptq", "sweeps": 3, "num_images": 500},
            "adaround": {"method": "adaround"}, "nearest": {"method": "nearest"}}
 ALL = ("rtn", "gptq", "gptq, damping 0.01", "gptq, FP32 inputs", "adaround")
 LITE0_SETTINGS = (("W4 uniform", 4, "uniform", (), ALL),
@@ -55,12 +57,13 @@ FMNIST_SETTINGS = (("W4A8 uniform", 4, "uniform", 8), ("W4A8 pow2", 4, "pow2", 8
 # adaround where it fits a CPU budget: mobilenet_v2 at W2 only (805 s at W4A8 on one thread of a shared machine);
 # resnet18's 3x3 convs have K = 4608 inputs per row, ~30 GFLOP per Adam step, far outside it
 FMNIST_DEFAULT = ("rtn", "gptq", "gptq, FP32 inputs")
+DESCENT = ("gptq + descent", "gptq + descent, 500 images")
 FMNIST_METHODS = {"fmnist-mobilenet_v2": {"W2 uniform": ("rtn", "gptq", "gptq, damping 0.01", "gptq, FP32 inputs",
-                                                          "gptq, 500 images", "adaround"),
-                                          "W3 uniform": FMNIST_DEFAULT + ("gptq, 500 images",)},
+                                                          "gptq, 500 images", *DESCENT, "adaround"),
+                                          "W3 uniform": FMNIST_DEFAULT + ("gptq, 500 images", *DESCENT)},
                   "fmnist-resnet18": {"W2 uniform": ("rtn", "gptq", "gptq, damping 0.01", "gptq, FP32 inputs",
-                                                     "gptq, 500 images"),
-                                      "W3 uniform": FMNIST_DEFAULT + ("gptq, 500 images",)}}
+                                                     "gptq, 500 images", *DESCENT),
+                                      "W3 uniform": FMNIST_DEFAULT + ("gptq, 500 images", *DESCENT)}}
 
 
 EARLIER_COMMIT = "ee00610"  # rows in reconstruct.json without a "commit" field were measured there
@@ -284,7 +287,9 @@ def write(args, rows: dict[str, list[dict]]) -> None:
             "ee00610\" ran with it); `gptq, damping auto`: damping chosen per layer by cross-validation over two folds "
             "of the images (fitted on one, scored on the other; at 73bd706); `gptq, FP32 "
             "inputs`: the same with every layer's inputs from the FP32 network; `gptq, 500 images`: the default on 500 "
-            "calibration images (`--reconstruct-images 500`). Then re-normalization (`no renorm`: "
+            "calibration images (`--reconstruct-images 500`); `gptq + descent`: the default, then three sweeps of "
+            "coordinate descent over the weights (each weight moved one level down or up where that lowers the layer's "
+            "objective, then the row scales refitted; `ReconstructConfig(sweeps=3)`, not the default). Then re-normalization (`no renorm`: "
             "the statistics reconstruction left) and, for A8 rows, 8-bit activations. Times on a shared 2-core "
             "machine.\n\n" + render(data))
     command = "python -m benchmarks.reconstruct" + (" --quick" if args.quick else "")

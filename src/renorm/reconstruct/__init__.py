@@ -20,7 +20,11 @@ output channel.
 Methods (each on the same statistics):
   gptq      closed-form second-order rounding with error feedback, column by column
             (the OBQ/GPTQ family), largest-curvature columns first; the scale is refitted
-            in closed form and the rounding repeated.
+            in closed form and the rounding repeated. With `sweeps` > 0, coordinate descent
+            follows: weight by weight (every row at once), move to the level just below or
+            above where that lowers the objective, gradient kept exact; then the scale is
+            refitted. Off by default: it lowers the objective and helps at 2 bits on the
+            references, but not in the calibration photos' domain on Lite0 (docs/RESULTS.md).
   adaround  learned rounding: each weight chooses to round down or up through a
             rectified sigmoid trained with Adam on the same quadratic objective, with an
             annealed regulariser that pushes every choice to 0 or 1 (AdaRound's layer-wise
@@ -84,6 +88,7 @@ class ReconstructConfig:
     damping: float | str = 0.1
     damping_grid: tuple[float, ...] = (0.01, 0.1, 0.3, 1.0)
     rounds: int = 2  # gptq: rounding, scale refit, rounding again
+    sweeps: int = 0  # gptq: coordinate-descent sweeps over the weights after the rounding (see Methods)
     steps: int = 1000  # adaround: Adam steps per layer
     # adaround's Adam step and rounding penalty: on Lite0's W4 layers 0.1/3.0 leaves 0.48 of nearest's
     # objective (GPTQ 0.48), 0.1/1.0 0.56, 0.01/0.01 0.80 (python -m benchmarks.reconstruct --tune)

@@ -149,7 +149,59 @@ def _gptq_block(problem: Problem, chunk: torch.Tensor, errors: torch.Tensor, cor
         errors[:, :, i:i + 1] = error
 
 
-def solve_gptq(problem: Problem, rounds: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+def _signed_grid(problem: Problem, like: torch.Tensor) -> torch.Tensor:
+    """Every level of the grid (in units of the scale), ascending: -top ... 0 ... top."""
+    magnitudes = level_magnitudes(problem.scheme, problem.bits).to(like.device, like.dtype)
+    return torch.cat([-magnitudes.flip(0)[:-1], magnitudes])
+
+
+def descend(problem: Problem, values: torch.Tensor, scale: torch.Tensor, sweeps: int = 1,
+            block: int = 128) -> torch.Tensor:
+    """Coordinate descent on the layer objective at fixed row scales: weight by weight (all rows at
+    once), move to the level just below or just above where that lowers (q - W*) H (q - W*)^T, with the
+    gradient kept exact. Never increases the objective; returns the levels (G, R, K)."""
+    grid = _signed_grid(problem, values)
+    last = len(grid) - 1
+    hessian = problem.hessian
+    groups, rows, size = values.shape
+    row_scale = scale[..., None]
+    q = values.clone()
+    gradient = (q * row_scale - problem.target) @ hessian  # half the objective's gradient, weight units
+    diagonal = torch.diagonal(hessian, dim1=1, dim2=2)
+    for _ in range(sweeps):
+        moved = 0
+        for start in range(0, size, block):
+            stop = min(start + block, size)
+            local = gradient[:, :, start:stop].clone()
+            steps = torch.zeros(groups, rows, stop - start, dtype=q.dtype, device=q.device)
+            corner = hessian[:, start:stop, start:stop]
+            with _threads(_small(local)):
+                for i in range(stop - start):
+                    k = start + i
+                    current = q[:, :, k]
+                    index = torch.searchsorted(grid, current.contiguous())
+                    best_change = torch.zeros_like(current)
+                    best_level = current
+                    for neighbour in (grid[(index - 1).clamp(min=0)], grid[(index + 1).clamp(max=last)]):
+                        delta = (neighbour - current) * scale
+                        change = delta * delta * diagonal[:, k, None] + 2 * delta * local[:, :, i]
+                        take = change < best_change
+                        best_change = torch.where(take, change, best_change)
+                        best_level = torch.where(take, neighbour, best_level)
+                    if problem.mask is not None:
+                        best_level = torch.where(problem.mask[:, :, k] > 0, best_level, current)
+                    step = (best_level - current) * scale
+                    q[:, :, k] = best_level
+                    steps[:, :, i] = step
+                    local += step[:, :, None] * corner[:, None, i, :]
+            gradient += steps @ hessian[:, start:stop, :]
+            moved += int((steps != 0).sum())
+        if moved == 0:
+            break
+    return q
+
+
+def solve_gptq(problem: Problem, rounds: int = 2, sweeps: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ rounding; between rounds the row scales are refitted in closed form."""
     best_values, best_scale = solve_nearest(problem)  # at 2 bits, error feedback can lose to it
     best_error = problem.error(best_values * best_scale[..., None])
@@ -164,6 +216,9 @@ def solve_gptq(problem: Problem, rounds: int = 2) -> tuple[torch.Tensor, torch.T
         scale = problem.refit_scale(values, scale)
     # the closed-form scale for the final levels never increases the error
     refit = problem.refit_scale(best_values, best_scale)
+    if sweeps > 0:
+        best_values = descend(problem, best_values, refit, sweeps)
+        refit = problem.refit_scale(best_values, refit)
     return best_values, refit
 
 
@@ -230,7 +285,7 @@ def solve_adaround(problem: Problem, steps: int = 1000, learning_rate: float = 0
 
 SOLVERS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
     "nearest": lambda problem, config: solve_nearest(problem),
-    "gptq": lambda problem, config: solve_gptq(problem, config.rounds),
+    "gptq": lambda problem, config: solve_gptq(problem, config.rounds, config.sweeps),
     "adaround": lambda problem, config: solve_adaround(problem, config.steps, config.learning_rate,
                                                        config.regularization),
 }
