@@ -24,8 +24,10 @@ shared machine moves all three alike; the ratios are the numbers to read.
 parity-lite0: EfficientNet-Lite0 (its real weights, where renorm[zoo] is installed), W8A8
 and W4A8 uniform with shift re-normalization, calibrated on 500 crops of photos:calib:
 agreement with the FP32 model on 500 crops of photos:eval of the PyTorch model and of the
-ONNX file, their top-1 agreement with each other and KL between them, and how close to a
-tie (softmax margin between the first two classes) the crops are that they split.
+ONNX file, their top-1 agreement with each other and KL between them, how close to a
+tie (softmax margin between the first two classes) the crops are that they split, and
+the floor float round-off alone sets: the same PyTorch model run in float64 against
+float32 (and the ONNX file against float64).
 
 openvino: the same FP32 and renorm W8A8 ONNX files as speed, compiled by OpenVINO for the
 CPU (`pip install openvino`; skipped without it) with INFERENCE_NUM_THREADS =
@@ -44,6 +46,7 @@ loaded back (without trust_pickle) and must give outputs equal to the compressed
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -120,6 +123,11 @@ def lite0_parity(quick: bool, folder: Path) -> list:
                               preset=loaded.preset)
         torch_logits, _ = predict(model, test, 50)
         onnx_logits, _ = predict(OnnxModule(path, threads=THREADS), test, 50)
+        # the floor float round-off sets: the same PyTorch model computed in float64 (every rounding to an
+        # 8-bit level the same function of exact-er values) against float32
+        exact = copy.deepcopy(model).double()
+        with torch.no_grad():
+            double_logits = torch.cat([exact(test[i:i + 50].double()) for i in range(0, len(test), 50)]).float()
         integer, floats = kernel_summary(path)
         between = agreement(onnx_logits, torch_logits)
         top2 = torch_logits.softmax(1).topk(2, dim=1).values
@@ -129,6 +137,8 @@ def lite0_parity(quick: bool, folder: Path) -> list:
                agreement(onnx_logits, fp32_logits)["agreement_top1"], between["agreement_top1"],
                f"{between['kl']:.4f}", f"{agreement(torch_logits, fp32_logits)['kl']:.4f}",
                f"{float(margin[split].median()):.3f}" if split.any() else "-", f"{float(margin.median()):.3f}",
+               agreement(torch_logits, double_logits)["agreement_top1"],
+               agreement(onnx_logits, double_logits)["agreement_top1"],
                integer, floats, f"{summary['bytes'] / 1e6:.2f}"]
         rows.append(row)
         print(markdown_table(LITE0_PARITY_HEADER, [row]).splitlines()[-1], flush=True)
@@ -138,6 +148,7 @@ def lite0_parity(quick: bool, folder: Path) -> list:
 LITE0_PARITY_HEADER = ["model", "setting", "PyTorch: agreement with FP32 top-1 %", "ONNX: agreement with FP32 top-1 %",
                        "ONNX vs PyTorch top-1 agreement %", "KL(PyTorch || ONNX)", "KL(FP32 || PyTorch)",
                        "median top-2 margin, crops they split", "median top-2 margin, all crops",
+                       "PyTorch float32 vs float64 top-1 agreement %", "ONNX vs PyTorch float64 top-1 agreement %",
                        "integer kernels (ORT)", "float convs", "ONNX MB"]
 
 PARITY_HEADER = ["model", "setting", "PyTorch top-1 %", "ONNX top-1 %", "agreement top-1 %", "integer kernels (ORT)",
