@@ -199,14 +199,15 @@ def tune_rows(args) -> list[dict]:
         return sum(ratios) / len(ratios), time.perf_counter() - start
 
     data = []
-    settings = [("gptq, rounds 2", lambda p: solve_gptq(p, 2)), ("gptq, rounds 1", lambda p: solve_gptq(p, 1))]
+    settings = [("gptq, rounds 2", lambda p: solve_gptq(p, 2)), ("gptq, rounds 1", lambda p: solve_gptq(p, 1)),
+                ("gptq, rounds 2, 3 sweeps of descent", lambda p: solve_gptq(p, 2, 3))]
     for steps, rate, penalty in ((1000, 0.01, 0.01), (1000, 0.1, 1.0), (1000, 0.1, 3.0)):
         settings.append((f"adaround, {steps} steps, lr {rate}, regularization {penalty}",
                          lambda p, s=steps, r=rate, g=penalty: solve_adaround(p, s, r, g)))
     for label, solver in settings:
         ratio, seconds = left(solver)
         data.append({"solver": label, "objective_left": ratio, "seconds": seconds, "layers": len(picked),
-                     "commit": COMMIT})
+                     "commit": COMMIT, "damping": reconstruction.ReconstructConfig().damping})
         print(data[-1], flush=True)
     return data
 
@@ -246,7 +247,7 @@ def render(everything: dict[str, list[dict]]) -> str:
         rows = [[e["solver"], f"{e['objective_left']:.3f}", f"{e['seconds']:.1f}"] for e in everything["tune"]]
         tune = everything["tune"][0]
         tables.append(f"### Solver settings on Lite0's W4 uniform layers ({tune['layers']} layers; measured at "
-                      f"{tune.get('commit', EARLIER_COMMIT + ', damping 0.01')})"
+                      f"{tune.get('commit', EARLIER_COMMIT) + ', damping ' + str(tune.get('damping', 0.01))})"
                       "\n\n" + markdown_table(["solver", "objective left (nearest = 1)", "seconds"], rows))
     return "\n\n".join(tables)
 
