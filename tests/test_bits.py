@@ -91,6 +91,7 @@ def test_allocate_bits_meets_the_budget_and_plots(tmp_path):
     (["--reconstruct", "--reconstruct-images", "0"], "at least 1"),
     (["--reconstruct", "--reconstruct-damping", "-1"], "--reconstruct-damping '-1': give a number >= 0"),
     (["--reconstruct", "--reconstruct-damping", "lots"], "or auto"),
+    (["--reconstruct", "--reconstruct-sweeps", "-1"], "--reconstruct-sweeps -1: give a whole number >= 0"),
 ])
 def test_bad_bit_and_reconstruction_options_exit_2_before_any_pass(flags, fragment, capsys, tmp_path, monkeypatch):
     from renorm import cli
@@ -117,3 +118,14 @@ def test_reconstruct_damping_reaches_the_reconstruction(text, damping):
 
     config = Config(reconstruct="gptq", reconstruct_damping=cli.parse_damping(args.reconstruct_damping))
     assert config.reconstruct_config().damping == damping
+
+
+def test_reconstruct_sweeps_reach_the_reconstruction():
+    from renorm import cli
+    from renorm.api import Config
+
+    args = cli.build_parser().parse_args(["compress", "fmnist-resnet18", "--calib", "fashion-mnist-mini:train",
+                                          "--reconstruct", "--reconstruct-sweeps", "3"])
+    assert args.reconstruct_sweeps == 3
+    assert Config(reconstruct="gptq", reconstruct_sweeps=3).reconstruct_config().sweeps == 3
+    assert Config(reconstruct="gptq").reconstruct_config().sweeps == 0

@@ -63,6 +63,7 @@ class Config:
     reconstruct: str = "none"  # a method of renorm.reconstruct, or none
     reconstruct_images: int = 256
     reconstruct_damping: float | str = 0.1  # see ReconstructConfig.damping
+    reconstruct_sweeps: int = 0  # see ReconstructConfig.sweeps
     sensitivity_images: int = 32  # calibration images that measure each layer's sensitivity for avg_bits
     threads: int | None = None  # torch's CPU threads while compress runs (None: as they are); see renorm.device
 
@@ -96,7 +97,7 @@ class Config:
 
     def reconstruct_config(self) -> ReconstructConfig:
         return ReconstructConfig(method=self.reconstruct, num_images=self.reconstruct_images, seed=self.seed,
-                                 damping=self.reconstruct_damping)
+                                 damping=self.reconstruct_damping, sweeps=self.reconstruct_sweeps)
 
     def prune_config(self):
         from renorm.prune import PruneConfig

@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--reconstruct-damping", default="0.1", metavar="D|auto",
                     help="ridge on each layer's curvature, in units of its mean diagonal (default 0.1); auto: "
                          "chosen per layer by cross-validation over two folds of the images")
+    rc.add_argument("--reconstruct-sweeps", type=int, default=0, metavar="N",
+                    help="gptq: N sweeps of coordinate descent over the weights after the rounding (default 0; "
+                         "3 helped resnet18 at 2 bits, docs/RESULTS.md)")
     r = compress.add_argument_group("re-normalization")
     r.add_argument("--renorm", default="exact", choices=MODES, help="exact (default: re-estimate from the "
                    "images), shift (correct the trained statistics by the shift compression caused; for few or "
@@ -206,7 +209,8 @@ def run_compress(args: argparse.Namespace) -> int:
                     prune_first_last=args.prune_first_last, prune_depthwise=args.prune_depthwise,
                     layer_bits=parse_layer_bits(args.layer_bits), avg_bits=args.avg_bits, reconstruct=method,
                     reconstruct_images=args.reconstruct_images, threads=args.threads,
-                    reconstruct_damping=parse_damping(args.reconstruct_damping))
+                    reconstruct_damping=parse_damping(args.reconstruct_damping),
+                    reconstruct_sweeps=args.reconstruct_sweeps)
     _check_outputs(args, (args.model, args.weights), "--out", "--report", "--frontier", "--onnx")
     if args.onnx:
         _check_onnx_options(args.wbits, args.scheme, args.abits)

@@ -115,6 +115,8 @@ class ReconstructConfig:
             raise RenormError(f"reconstruction damping {self.damping!r}: give 'auto' or a number >= 0")
         if not self.damping_grid or any(not d >= 0 for d in self.damping_grid):
             raise RenormError(f"reconstruction damping_grid {self.damping_grid!r}: give numbers >= 0")
+        if not isinstance(self.sweeps, int) or self.sweeps < 0:
+            raise RenormError(f"--reconstruct-sweeps {self.sweeps!r}: give a whole number >= 0 (e.g. 3)")
         if self.num_images < 1:
             raise RenormError(f"--reconstruct-images must be at least 1, got {self.num_images}")
 
