@@ -90,8 +90,9 @@ class ReconstructConfig:
     rounds: int = 2  # gptq: rounding, scale refit, rounding again
     sweeps: int = 0  # gptq: coordinate-descent sweeps over the weights after the rounding (see Methods)
     steps: int = 1000  # adaround: Adam steps per layer
-    # adaround's Adam step and rounding penalty: on Lite0's W4 layers 0.1/3.0 leaves 0.48 of nearest's
-    # objective (GPTQ 0.48), 0.1/1.0 0.56, 0.01/0.01 0.80 (python -m benchmarks.reconstruct --tune)
+    # adaround's Adam step and rounding penalty: on Lite0's W4 layers (damping 0.1) 0.1/3.0 leaves 0.55 of
+    # nearest's objective (GPTQ 0.56, GPTQ + 3 sweeps 0.54), 0.1/1.0 0.63, 0.01/0.01 0.84
+    # (python -m benchmarks.reconstruct --models tune)
     learning_rate: float = 0.1
     regularization: float = 3.0
     offset: bool = True  # let the next BatchNorm / the bias absorb the mean error
