@@ -23,8 +23,8 @@ Methods (each on the same statistics):
             in closed form and the rounding repeated. With `sweeps` > 0, coordinate descent
             follows: weight by weight (every row at once), move to the level just below or
             above where that lowers the objective, gradient kept exact; then the scale is
-            refitted. Off by default: it lowers the objective and helps at 2 bits on the
-            references, but not in the calibration photos' domain on Lite0 (docs/RESULTS.md).
+            refitted. Off by default: it lowers the objective and helps resnet18 at 2 bits,
+            but is level on mobilenet_v2 and on Lite0 (docs/RESULTS.md).
   adaround  learned rounding: each weight chooses to round down or up through a
             rectified sigmoid trained with Adam on the same quadratic objective, with an
             annealed regulariser that pushes every choice to 0 or 1 (AdaRound's layer-wise
