@@ -216,9 +216,12 @@ def solve_gptq(problem: Problem, rounds: int = 2, sweeps: int = 0) -> tuple[torc
         scale = problem.refit_scale(values, scale)
     # the closed-form scale for the final levels never increases the error
     refit = problem.refit_scale(best_values, best_scale)
-    if sweeps > 0:
-        best_values = descend(problem, best_values, refit, sweeps)
-        refit = problem.refit_scale(best_values, refit)
+    if sweeps > 0:  # kept row by row only where it is no worse (float32 round-off in the running gradient)
+        descended = descend(problem, best_values, refit, sweeps)
+        rescaled = problem.refit_scale(descended, refit)
+        better = problem.error(descended * rescaled[..., None]) <= problem.error(best_values * refit[..., None])
+        best_values = torch.where(better[..., None], descended, best_values)
+        refit = torch.where(better, rescaled, refit)
     return best_values, refit
 
 
