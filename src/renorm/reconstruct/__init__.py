@@ -22,8 +22,8 @@ Methods (each on the same statistics):
             (the OBQ/GPTQ family), largest-curvature columns first; the scale is refitted
             in closed form and the rounding repeated. With `sweeps` > 0, coordinate descent
             follows: weight by weight (every row at once), move to the level just below or
-            above where that lowers the objective, gradient kept exact; then the scale is
-            refitted. Off by default: it lowers the objective and helps resnet18 at 2 bits,
+            above where that lowers the objective, the gradient updated after every move;
+            then the scale is refitted, and a row keeps GPTQ's rounding where that is no worse. Off by default: it lowers the objective and helps resnet18 at 2 bits,
             but is level on mobilenet_v2 and on Lite0 (docs/RESULTS.md).
   adaround  learned rounding: each weight chooses to round down or up through a
             rectified sigmoid trained with Adam on the same quadratic objective, with an

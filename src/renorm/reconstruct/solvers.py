@@ -158,8 +158,9 @@ def _signed_grid(problem: Problem, like: torch.Tensor) -> torch.Tensor:
 def descend(problem: Problem, values: torch.Tensor, scale: torch.Tensor, sweeps: int = 1,
             block: int = 128) -> torch.Tensor:
     """Coordinate descent on the layer objective at fixed row scales: weight by weight (all rows at
-    once), move to the level just below or just above where that lowers (q - W*) H (q - W*)^T, with the
-    gradient kept exact. Never increases the objective; returns the levels (G, R, K)."""
+    once), move to the level just below or just above where that lowers (q - W*) H (q - W*)^T, the
+    gradient updated after every move (exact but for float round-off, so solve_gptq keeps a row's result
+    only where it is no worse). Returns the levels (G, R, K)."""
     grid = _signed_grid(problem, values)
     last = len(grid) - 1
     hessian = problem.hessian
