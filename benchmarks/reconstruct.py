@@ -46,6 +46,8 @@ METHODS = {"rtn": None, "gptq": {"method": "gptq"}, "gptq, damping 0.01": {"meth
            "gptq, 500 images": {"method": "gptq", "num_images": 500},
            "gptq + descent": {"method": "gptq", "sweeps": 3},
            "gptq + descent, 500 images": {"method": "gptq", "sweeps": 3, "num_images": 500},
+           "gptq, 1000 images": {"method": "gptq", "num_images": 1000},
+           "gptq + descent, 1000 images": {"method": "gptq", "sweeps": 3, "num_images": 1000},
            "adaround": {"method": "adaround"}, "nearest": {"method": "nearest"}}
 ALL = ("rtn", "gptq", "gptq, damping 0.01", "gptq, FP32 inputs", "adaround")
 LITE0_SETTINGS = (("W4 uniform", 4, "uniform", (), ALL),
@@ -58,12 +60,16 @@ FMNIST_SETTINGS = (("W4A8 uniform", 4, "uniform", 8), ("W4A8 pow2", 4, "pow2", 8
 # resnet18's 3x3 convs have K = 4608 inputs per row, ~30 GFLOP per Adam step, far outside it
 FMNIST_DEFAULT = ("rtn", "gptq", "gptq, FP32 inputs")
 DESCENT = ("gptq + descent", "gptq + descent, 500 images")
+# every calibration image (1000): the images AIMET's AdaRound used in benchmarks.peers_reconstruct
+ALL_IMAGES = ("gptq, 1000 images", "gptq + descent, 1000 images")
 FMNIST_METHODS = {"fmnist-mobilenet_v2": {"W2 uniform": ("rtn", "gptq", "gptq, damping 0.01", "gptq, FP32 inputs",
-                                                          "gptq, 500 images", *DESCENT, "adaround"),
-                                          "W3 uniform": FMNIST_DEFAULT + ("gptq, 500 images", *DESCENT)},
+                                                          "gptq, 500 images", *DESCENT, *ALL_IMAGES, "adaround"),
+                                          "W3 uniform": FMNIST_DEFAULT + ("gptq, 500 images", *DESCENT, *ALL_IMAGES)},
                   "fmnist-resnet18": {"W2 uniform": ("rtn", "gptq", "gptq, damping 0.01", "gptq, FP32 inputs",
-                                                     "gptq, 500 images", *DESCENT),
-                                      "W3 uniform": FMNIST_DEFAULT + ("gptq, 500 images", *DESCENT)}}
+                                                     "gptq, 500 images", *DESCENT, *ALL_IMAGES),
+                                      "W3 uniform": FMNIST_DEFAULT + ("gptq, 500 images", *DESCENT, *ALL_IMAGES)}}
+FMNIST_METHODS = {name: {label: by_label.get(label, FMNIST_DEFAULT + ALL_IMAGES) for label, *_ in FMNIST_SETTINGS}
+                  for name, by_label in FMNIST_METHODS.items()}
 
 
 EARLIER_COMMIT = "ee00610"  # rows in reconstruct.json without a "commit" field were measured there
@@ -290,7 +296,8 @@ def write(args, rows: dict[str, list[dict]]) -> None:
             "inputs`: the same with every layer's inputs from the FP32 network; `gptq, 500 images`: the default on 500 "
             "calibration images (`--reconstruct-images 500`); `gptq + descent`: the default, then three sweeps of "
             "coordinate descent over the weights (each weight moved one level down or up where that lowers the layer's "
-            "objective, then the row scales refitted; `ReconstructConfig(sweeps=3)`, not the default). Then re-normalization (`no renorm`: "
+            "objective, then the row scales refitted; `ReconstructConfig(sweeps=3)`, not the default); `..., 1000 images`: on "
+            "every calibration image, the 1000 that AIMET's AdaRound uses in benchmarks.peers_reconstruct. Then re-normalization (`no renorm`: "
             "the statistics reconstruction left) and, for A8 rows, 8-bit activations. Times on a shared 2-core "
             "machine.\n\n" + render(data))
     command = "python -m benchmarks.reconstruct" + (" --quick" if args.quick else "")
