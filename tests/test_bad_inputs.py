@@ -280,6 +280,9 @@ CLI: dict[str, tuple[Callable[[Path], list[str]], str]] = {
                                                         str(w / "out" / "m.onnx")], "aten::cummax"),
     "compress --onnx with 5-bit pow2": (lambda w: ["compress", *small(w), "--calib", str(w / "photos"), "--wbits", "5",
                                                    "--onnx", str(w / "out" / "m.onnx")], "pow2 weights up to 4 bits"),
+    "compress --onnx with 6-bit pow2 --layer-bits": (
+        lambda w: ["compress", *small(w), "--calib", str(w / "photos"), "--layer-bits", "layer4.*=6",
+                   "--onnx", str(w / "out" / "m.onnx"), "--out", str(w / "out" / "m.pt")], "pow2 weights up to 4 bits"),
     "compress --onnx with --abits 4": (lambda w: ["compress", *small(w), "--calib", str(w / "photos"), "--abits", "4",
                                                   "--onnx", str(w / "out" / "m.onnx")], "8-bit activations"),
     # demo

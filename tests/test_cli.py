@@ -190,3 +190,30 @@ def test_random_torchvision_weights_are_said_once(capsys, folder):
         "renorm: warning: torchvision:resnet18 has random weights: no --weights given (a state_dict file, or a "
         "torchvision weights name such as DEFAULT)"]
     assert "evaluation: none (add --eval DATA to measure each stage)" in out
+
+
+@pytest.mark.parametrize("hidden,argv,extra", [
+    ("matplotlib", ["sensitivity", "fmnist-resnet18", "--calib", "fashion-mnist-mini:train", "--plot", "s.png"],
+     "renorm[plot]"),
+    ("matplotlib", ["compress", "fmnist-resnet18", "--calib", "fashion-mnist-mini:train", "--avg-bits", "4",
+                    "--frontier", "f.png", "--out", "m.pt"], "renorm[plot]"),
+    ("torch_pruning", ["compress", "fmnist-resnet18", "--calib", "fashion-mnist-mini:train", "--prune", "0.3",
+                       "--prune-type", "filter", "--out", "m.pt"], "renorm[prune]"),
+])
+def test_a_missing_extra_is_named_before_any_work(hidden, argv, extra, tmp_path, monkeypatch, capsys):
+    """Plots need matplotlib and filter pruning Torch-Pruning: without them the run stops before loading the model."""
+    from renorm import cli
+
+    for name in [m for m in sys.modules if m == hidden or m.startswith(hidden + ".")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, hidden, None)  # import raises ImportError
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the extras were checked")
+
+    monkeypatch.setattr(cli, "_load", no_load)
+    monkeypatch.chdir(tmp_path)
+    code = cli.main([*argv, "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and extra in err[0], err
+    assert not list(tmp_path.iterdir())

@@ -54,6 +54,20 @@ def test_missing_empty_and_file_paths_are_clear_errors(tmp_path):
         open_images(str(tmp_path / "x.png"), SMALL)
 
 
+def test_a_folder_named_like_a_built_in_set_is_a_folder(tmp_path, monkeypatch):
+    """`photos` and `fashion-mnist` without a split are folders; with one they are the built-in sets."""
+    monkeypatch.chdir(tmp_path)
+    for folder in ("photos", "fashion-mnist"):
+        (tmp_path / folder).mkdir()
+        write_image(tmp_path / folder / "0.jpg")
+        write_image(tmp_path / folder / "1.jpg", seed=1)
+        source = open_images(folder, SMALL, labeled=False)
+        assert len(source) == 2 and source.name == folder
+    pytest.importorskip("skimage")
+    pytest.importorskip("sklearn")
+    assert len(open_images("photos:eval:4", SMALL, labeled=False)) == 4
+
+
 def test_bundled_fashion_mnist_subset():
     images, labels, name = fashion_mnist_arrays("test", mini=True)
     assert name == "fashion-mnist-mini:test"

@@ -158,6 +158,22 @@ def test_batchnorm_is_folded_in_a_model_that_does_not_trace(tmp_path, images):
     assert torch.allclose(OnnxModule(tmp_path / "b.onnx")(images), expected, atol=1e-4)
 
 
+def test_a_model_that_does_not_trace_keeps_its_own_activation_scales(tmp_path, images):
+    """Its input hooks are what renorm calibrated (here with `mse`): export, even given images, writes those."""
+    torch.manual_seed(0)
+    model = quantize_weights(perturbed(Branchy()), WeightQuantConfig(bits=8, scheme="uniform", first_last_bits=8))
+    model = calibrate_activations(model, images, ActivationQuantConfig(bits=8, num_images=96, method="mse"),
+                                  batch_size=32)
+    scales = {name: input_quantizer(model, name).scale for name, _ in quantizable_layers(model)}
+    minmax = calibrate_activations(model, images, ActivationQuantConfig(bits=8, num_images=96), batch_size=32)
+    assert any(input_quantizer(minmax, name).scale != scale for name, scale in scales.items())  # the test can fail
+    summary = export_onnx(model, tmp_path / "b.onnx", images[:1], calib=images)
+    assert not summary["recalibrated"]
+    written = {float(v) for k, v in _initializers(tmp_path / "b.onnx").items() if v.size == 1 and v.dtype == np.float32}
+    assert all(any(abs(scale - w) <= 1e-6 * scale for w in written) for scale in scales.values()), (scales, written)
+    _assert_within_one_step(model, tmp_path / "b.onnx", images, "fc2", 0.9)
+
+
 def test_export_leaves_the_model_alone(tmp_path, images):
     model = _small_w8a8(images)
     before = copy.deepcopy(model.state_dict())

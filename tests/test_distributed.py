@@ -137,9 +137,11 @@ def test_torchrun_compress_and_evaluate_match_one_process(tmp_path, capsys):
     assert (many["runtime"]["processes"], single["runtime"]["processes"]) == (2, 1)
 
 
-def test_sensitivity_and_demo_refuse_torchrun(monkeypatch, capsys):
+def test_sensitivity_export_and_demo_refuse_torchrun(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert cli.main(["sensitivity", "fmnist-resnet18", "--calib", "fashion-mnist-mini:train"]) == 2
     assert "without torchrun" in capsys.readouterr().err
+    assert cli.main(["export", "fmnist-resnet18", "--onnx", str(tmp_path / "m.onnx")]) == 2
+    assert "renorm export runs in one process" in capsys.readouterr().err
     assert cli.main(["demo"]) == 2
     assert "renorm demo runs in one process" in capsys.readouterr().err

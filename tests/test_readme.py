@@ -66,6 +66,26 @@ def test_the_python_example_calls_the_api_as_it_is():
         inspect.signature(function).bind(*call.args, **{k.arg: k.value for k in call.keywords})
 
 
+def test_every_renorm_name_in_the_prose_exists():
+    """`renorm.NAME`, `renorm.module.NAME` and calls to them in backticks outside code blocks resolve."""
+    import importlib
+
+    prose = re.sub(r"```.*?```", "", README, flags=re.S)
+    names = set(re.findall(r"`(renorm(?:\.[A-Za-z_]\w*)+)", prose))
+    assert len(names) >= 5, names
+    for dotted in sorted(names):
+        parts = dotted.split(".")
+        for split in range(len(parts), 0, -1):  # the longest importable module, then attributes
+            try:
+                target = importlib.import_module(".".join(parts[:split]))
+                break
+            except ImportError:
+                continue
+        for attribute in parts[split:]:
+            assert hasattr(target, attribute), f"README names {dotted}, which does not exist"
+            target = getattr(target, attribute)
+
+
 def test_the_how_it_works_section_keeps_one_subsection_per_stage():
     how = README[README.index("## How it works"):README.index("## Results in short")]
     assert re.findall(r"^### (.+)$", how, re.M)[:7] == ["Weights", "Bits per layer", "Reconstruction",

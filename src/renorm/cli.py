@@ -212,8 +212,9 @@ def run_compress(args: argparse.Namespace) -> int:
                     reconstruct_damping=parse_damping(args.reconstruct_damping),
                     reconstruct_sweeps=args.reconstruct_sweeps)
     _check_outputs(args, (args.model, args.weights), "--out", "--report", "--frontier", "--onnx")
+    _check_extras(plot=bool(args.frontier), prune=args.prune > 0 and args.prune_type != "unstructured")
     if args.onnx:
-        _check_onnx_options(args.wbits, args.scheme, args.abits)
+        _check_onnx_options(args.wbits, args.scheme, args.abits, config.layer_bits)
     loaded = _load(args)
     calib = open_images(args.calib, loaded.preset, labeled=False, workers=args.workers)
     eval_data = open_images(args.eval, loaded.preset, workers=args.workers) if args.eval else None
@@ -225,26 +226,31 @@ def run_compress(args: argparse.Namespace) -> int:
         plot_frontier(report["bits"], args.frontier, f"{loaded.spec}: bit allocation frontier")
         report["bits"]["plot"] = args.frontier
     report["runtime"] = _runtime_record(args, calib)
-    if args.out and distributed.is_main():
-        size = save_compressed(args.out, result.model.cpu(), loaded, protected=[args.model, args.weights])
-        report["output"] = {"path": args.out, "bytes": size}
-    if args.onnx and distributed.is_main():
+    if args.onnx and distributed.is_main():  # before --out: an export that fails leaves no file behind
         from renorm.data import sample
 
         report["onnx"] = _export_onnx(result.model.cpu(), loaded, args, sample(calib, config.num_images, config.seed))
+    if args.out and distributed.is_main():
+        size = save_compressed(args.out, result.model.cpu(), loaded, protected=[args.model, args.weights])
+        report["output"] = {"path": args.out, "bytes": size}
     _finish(report, args.report)
     return 0
 
 
-def _check_onnx_options(wbits: int, scheme: str, abits: int) -> None:
+def _check_onnx_options(wbits: int, scheme: str, abits: int, layer_bits: Sequence[tuple[str, int]] = ()) -> None:
     """--onnx: the extra is installed and the bits fit int8 QDQ (before any work)."""
     from renorm.export.onnx_runtime import require
+    from renorm.quantize.plan import BITS_RANGE
 
     require("onnx")
     require("onnxruntime")
     if scheme == "pow2" and 4 < wbits <= 8:
         raise RenormError(f"--onnx takes pow2 weights up to 4 bits (levels up to 2^6 fit int8), not --wbits {wbits}; "
                           "use --wbits 4 or --scheme uniform")
+    for pattern, bits in layer_bits:  # pow2 keeps 5 and 6 bits pow2 (7 and 8 become uniform)
+        if scheme == "pow2" and 4 < bits <= BITS_RANGE["pow2"][1]:
+            raise RenormError(f"--onnx takes pow2 weights up to 4 bits (levels up to 2^6 fit int8), not --layer-bits "
+                              f"{pattern}={bits}; use {pattern}=4, {pattern}=8 (uniform) or --scheme uniform")
     if abits not in (8, 32):
         raise RenormError(f"--onnx takes 8-bit activations (--abits 8) or float ones (--abits 32), not --abits {abits}")
 
@@ -275,10 +281,10 @@ def run_export(args: argparse.Namespace) -> int:
     _check_outputs(args, (args.model, args.weights), "--onnx", "--report")
     _check_onnx_options(32, "uniform", 32)
     loaded = _load(args)
-    calib = sample(open_images(args.calib, loaded.preset, labeled=False), args.num_images, args.seed) \
-        if args.calib else None
+    calib = sample(open_images(args.calib, loaded.preset, labeled=False, workers=args.workers), args.num_images,
+                   args.seed) if args.calib else None
     args.export_images = args.num_images
-    summary = _export_onnx(loaded.model, loaded, args, calib)
+    summary = _export_onnx(loaded.model.cpu(), loaded, args, calib)  # ONNX is written from the CPU, as compress does
     if summary.get("float_add_inputs"):
         import warnings
 
@@ -333,6 +339,7 @@ def run_sensitivity(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise RenormError(f"--batch-size must be at least 1, got {args.batch_size}")
     _check_outputs(args, (args.model, args.weights), "--report", "--plot")
+    _check_extras(plot=True)
     loaded = _load(args)
     images = sample(open_images(args.calib, loaded.preset, labeled=False, workers=args.workers), args.num_images,
                     args.seed)
@@ -368,6 +375,18 @@ def _check_outputs(args: argparse.Namespace, inputs: Sequence[str | None], *flag
         for other, other_path in given[index + 1:]:
             if path == other_path:
                 raise RenormError(f"{flag} and {other} name the same file {path}; give two file names")
+
+
+def _check_extras(plot: bool = False, prune: bool = False) -> None:
+    """The optional packages this run will need are installed (before any work)."""
+    if plot:
+        from renorm.plots import pyplot
+
+        pyplot()
+    if prune:
+        from renorm.prune import require_torch_pruning
+
+        require_torch_pruning()
 
 
 def parse_damping(text: str) -> float | str:

@@ -32,7 +32,9 @@ SEED = {"calib": 1_000_003, "eval": 2_000_003}
 
 
 def is_photo_spec(spec: str) -> bool:
-    return spec.split(":")[0] == "photos"
+    """photos:SPLIT[:N]; a bare `photos` is a folder of that name, as `fashion-mnist` is."""
+    name, sep, _ = spec.partition(":")
+    return name == "photos" and bool(sep)
 
 
 @lru_cache(maxsize=None)

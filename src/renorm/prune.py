@@ -116,7 +116,7 @@ def sparsity_by_layer(model: nn.Module) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------- filters
-def _torch_pruning():
+def require_torch_pruning():
     try:
         import torch_pruning
     except ImportError:
@@ -135,7 +135,7 @@ def filter_prune(model: nn.Module, config: PruneConfig, example: torch.Tensor) -
     The record (HISTORY_ATTRIBUTE: one entry per filter pruning of this model) rebuilds
     saved files and tells shift re-normalization exactly which channels were kept.
     """
-    tp = _torch_pruning()
+    tp = require_torch_pruning()
     check_layer_names(model, config.exclude, "--prune-exclude")
     # The classifier's outputs are the classes; the stem's channels feed the whole first stage
     # (in a ResNet, its residual stream): spared unless prune_first_last.
@@ -192,7 +192,7 @@ def pruning_steps(record: Any) -> list[dict[str, Any]]:
 
 def apply_pruned_channels(model: nn.Module, record: Any) -> nn.Module:
     """Redo a recorded filter pruning, step by step, on a freshly built model (for saved files)."""
-    tp = _torch_pruning()
+    tp = require_torch_pruning()
     try:
         with torch.enable_grad(), eval_mode(model):
             for step in pruning_steps(record):

@@ -47,6 +47,7 @@ from renorm.errors import RenormError, one_line
 from renorm.files import check_output, write_atomic
 from renorm.images import Preset
 from renorm.quantize import activations
+from renorm.quantize import points as graph_points
 from renorm.export.fold import fold_batchnorms
 from renorm.export.onnx_runtime import METADATA_KEY, OnnxModule, require
 from renorm.export.program import MARK as PROGRAM_MARK
@@ -403,9 +404,10 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor | None
     example: one or more input images (only their shape matters; the batch size stays
     free in the file); by default the first calibration image. calib: unlabeled images
     (anything renorm.Batches takes); for a model whose activation quantizers are input
-    hooks (a file from an older renorm), its first `calib_images` calibrate the
-    activations again, on every tensor an INT8 graph quantizes (else the residual Add
-    and pool inputs stay float). A model calibrated by this renorm is exported as it is.
+    hooks although torch.fx traces it (a file from an older renorm), its first
+    `calib_images` calibrate the activations again, on every tensor an INT8 graph
+    quantizes (else the residual Add and pool inputs stay float). A model calibrated by
+    this renorm, or one torch.fx cannot trace, is exported with its own quantizers.
     spec / preset / num_classes go into the file's metadata so that `renorm evaluate
     FILE.onnx` preprocesses images as the model expects. protected: input files never to
     overwrite. The model is not modified.
@@ -430,7 +432,9 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor | None
     prepared = copy.deepcopy(model).eval()
     weights = _int8_weights(prepared)
     inputs = _input_quantizers(prepared)
-    recalibrated = bool(inputs) and calib is not None
+    # input hooks on a model torch.fx traces: a file from an older renorm, calibrated again on the graph's points;
+    # on a model it cannot trace they are what this renorm calibrates (with the user's method), kept as they are
+    recalibrated = bool(inputs) and calib is not None and graph_points.trace(prepared) is not None
     if recalibrated:
         activations.calibrate_activations(prepared, calib, activations.ActivationQuantConfig(
             bits=8, num_images=calib_images), batch_size, inplace=True)
