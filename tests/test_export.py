@@ -74,6 +74,27 @@ def test_four_bit_codes_make_the_file_small(tmp_path):
     assert save_compressed(tmp_path / "p.pt", pruned, loaded) < 0.17 * fp32  # + a 1-bit mask per weight
 
 
+def test_a_depthwise_network_at_w4_defaults_is_a_sixth_of_its_fp32_state_dict(tmp_path):
+    """The README's promise for mobilenet_v2 at the compress defaults (pow2 4-bit, first/last 8-bit uniform):
+    deflated zip entries, which torch.load reads with weights_only=True, and the same outputs after reloading."""
+    import zipfile
+
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="random weights"):
+        loaded = load_model("torchvision:mobilenet_v2")
+    torch.save(loaded.model.state_dict(), tmp_path / "fp32.pt")
+    model = quantize_weights(loaded.model, WeightQuantConfig(bits=4, scheme="pow2"))
+    size = save_compressed(tmp_path / "q.pt", model, loaded)
+    assert size * 6 <= (tmp_path / "fp32.pt").stat().st_size
+    assert torch.load(tmp_path / "q.pt", weights_only=True)["source"]["kind"] == "torchvision"
+    with zipfile.ZipFile(tmp_path / "q.pt") as archive:
+        assert all(entry.compress_type == zipfile.ZIP_DEFLATED for entry in archive.infolist())
+    assert torch.load(tmp_path / "q.pt", weights_only=True)["spec"] == "torchvision:mobilenet_v2"
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(load_model(str(tmp_path / "q.pt")).model(x), model(x))
+
+
 def test_never_overwrites_the_input_model(tmp_path):
     model = torchvision.models.resnet18(num_classes=10)
     torch.save(model.state_dict(), tmp_path / "w.pt")
