@@ -44,14 +44,22 @@ def test_a_data_spec_without_a_preset_names_the_preset_argument(net):
         compress(net, "fashion-mnist-mini:train", Config(wbits=32))
 
 
-def test_outputs_that_are_not_class_scores_fail_before_any_pass(images):
+def test_outputs_that_are_not_class_scores_fail_before_any_pass(images, monkeypatch):
+    import sys
+
     class Pair(SmallNet):
         def forward(self, x):
             y = super().forward(x)
             return y, y
 
-    with pytest.raises(RenormError, match="returns a tuple of 2"):
-        compress(Pair().eval(), images, Config(wbits=4), eval_data=[(images[:8], torch.zeros(8, dtype=torch.long))])
+    def no_pass(*args, **kwargs):
+        raise AssertionError("a pass over the evaluation images ran before the output was checked")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sys.modules["renorm.api"]._Evaluator, "__call__", no_pass)
+        with pytest.raises(RenormError, match="returns a tuple of 2"):
+            compress(Pair().eval(), images, Config(wbits=4),
+                     eval_data=[(images[:8], torch.zeros(8, dtype=torch.long))])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         compress(Pair().eval(), images, Config(wbits=4, batch_size=32))  # nothing evaluated: fine

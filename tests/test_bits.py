@@ -107,25 +107,35 @@ def test_bad_bit_and_reconstruction_options_exit_2_before_any_pass(flags, fragme
     assert not list(tmp_path.iterdir())
 
 
+class _Captured(Exception):
+    pass
+
+
+def _config_compress_gets(monkeypatch, *flags: str):
+    """The Config that `renorm compress ... FLAGS` hands to renorm.api.compress (which then stops)."""
+    from renorm import api, cli
+
+    seen = {}
+
+    def spy(loaded, calib, config, *args, **kwargs):
+        seen["config"] = config
+        raise _Captured
+
+    monkeypatch.setattr(api, "compress", spy)
+    with pytest.raises(_Captured):
+        cli.main(["compress", "fmnist-resnet18", "--calib", "fashion-mnist-mini:train", "--quiet", *flags])
+    return seen["config"]
+
+
 @pytest.mark.parametrize("text,damping", [("auto", "auto"), ("AUTO", "auto"), ("0.3", 0.3), ("0", 0.0)])
-def test_reconstruct_damping_reaches_the_reconstruction(text, damping):
-    from renorm import cli
-
-    args = cli.build_parser().parse_args(["compress", "fmnist-resnet18", "--calib", "fashion-mnist-mini:train",
-                                          "--reconstruct", "--reconstruct-damping", text])
-    assert cli.parse_damping(args.reconstruct_damping) == damping
-    from renorm.api import Config
-
-    config = Config(reconstruct="gptq", reconstruct_damping=cli.parse_damping(args.reconstruct_damping))
+def test_reconstruct_damping_reaches_the_reconstruction(text, damping, monkeypatch):
+    config = _config_compress_gets(monkeypatch, "--reconstruct", "--reconstruct-damping", text)
     assert config.reconstruct_config().damping == damping
 
 
-def test_reconstruct_sweeps_reach_the_reconstruction():
-    from renorm import cli
-    from renorm.api import Config
-
-    args = cli.build_parser().parse_args(["compress", "fmnist-resnet18", "--calib", "fashion-mnist-mini:train",
-                                          "--reconstruct", "--reconstruct-sweeps", "3"])
-    assert args.reconstruct_sweeps == 3
-    assert Config(reconstruct="gptq", reconstruct_sweeps=3).reconstruct_config().sweeps == 3
-    assert Config(reconstruct="gptq").reconstruct_config().sweeps == 0
+def test_reconstruct_sweeps_and_images_reach_the_reconstruction(monkeypatch):
+    config = _config_compress_gets(monkeypatch, "--reconstruct", "--reconstruct-sweeps", "3",
+                                   "--reconstruct-images", "100")
+    assert config.reconstruct_config().sweeps == 3 and config.reconstruct_config().num_images == 100
+    default = _config_compress_gets(monkeypatch, "--reconstruct").reconstruct_config()
+    assert default.sweeps == 0 and default.method == "gptq" and default.num_images == 256

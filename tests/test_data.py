@@ -125,7 +125,7 @@ def test_sample_is_seeded_and_bounded():
     assert a.indices == b.indices and len(set(a.indices)) == 50
     assert sample(source, 50, seed=4).indices != a.indices
     assert len(sample(source, 10**6)) == len(source)
-    with pytest.raises(RenormError):
+    with pytest.raises(RenormError, match="--num-images must be at least 1, got 0"):
         sample(source, 0)
 
 

@@ -27,7 +27,21 @@ def photo_folder(tmp_path):
     return tmp_path
 
 
-def test_workers_give_the_same_batches_in_the_same_order_and_skip_the_same_files(photo_folder):
+@pytest.fixture
+def loaders(monkeypatch):
+    """The num_workers of every DataLoader built while the test runs (the workers really decode)."""
+    built = []
+    original = torch.utils.data.DataLoader
+
+    def spy(*args, **kwargs):
+        built.append(kwargs.get("num_workers", 0))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", spy)
+    return built
+
+
+def test_workers_give_the_same_batches_in_the_same_order_and_skip_the_same_files(photo_folder, loaders):
     serial = sample(open_images(str(photo_folder), SMALL, workers=0), 40, seed=3)
     parallel = sample(open_images(str(photo_folder), SMALL, workers=2), 40, seed=3)
     assert parallel.workers == 2 and serial.workers == 0
@@ -37,9 +51,10 @@ def test_workers_give_the_same_batches_in_the_same_order_and_skip_the_same_files
     for (x1, y1), (x2, y2) in zip(one, two):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
     assert serial.skipped == parallel.skipped and len(serial.skipped) == 1
+    assert loaders == [2]  # the parallel pass decoded in two worker processes; the serial one in none
 
 
-def test_workers_give_identical_statistics_and_accuracy(photo_folder):
+def test_workers_give_identical_statistics_and_accuracy(photo_folder, loaders):
     torch.manual_seed(0)
     model = perturbed(SmallNet(classes=2))
     results = []
@@ -49,6 +64,7 @@ def test_workers_give_identical_statistics_and_accuracy(photo_folder):
         labeled = open_images(str(photo_folder), SMALL, labeled=True, workers=workers)
         results.append((renormalized.state_dict(), evaluate(renormalized, labeled, batch_size=8)))
     (state0, metrics0), (state2, metrics2) = results
+    assert loaders and set(loaders) == {2}  # workers=2 passes went through worker processes
     for key in state0:
         assert torch.equal(state0[key], state2[key]), key
     assert {k: v for k, v in metrics0.items() if k != "seconds"} == {k: v for k, v in metrics2.items() if k != "seconds"}

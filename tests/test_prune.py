@@ -10,6 +10,7 @@ from torch import nn
 
 from conftest import SmallNet, perturbed
 from renorm.errors import RenormError
+from renorm.evaluate import agreement, predict
 from renorm.prune import (PruneConfig, apply_pruned_channels, filter_prune, latency_ms, magnitude_prune, prune,
                           sparsity_by_layer)
 from renorm.quantize.weights import WeightQuantConfig, quantize_weights
@@ -143,9 +144,21 @@ def test_sensitivity_scan_and_plot(images, tmp_path):
     for key, value in model.state_dict().items():  # the model is restored
         assert torch.equal(value, before[key]), key
     assert not any(hasattr(m, "_renorm_mask") for m in model.modules())
-    by = {(r["layer"], r["sparsity"]): r["agreement_top1"] for r in rows}
-    assert all(0 <= v <= 100 for v in by.values())
-    assert sum(by[(layer, 0.95)] for layer in ("conv1", "conv2", "fc1", "fc2")) < 4 * 100
+    by = {(r["layer"], r["sparsity"]): r for r in rows}
+    assert all(0 <= r["agreement_top1"] <= 100 for r in rows)
+    assert sum(by[(layer, 0.95)]["agreement_top1"] for layer in ("conv1", "conv2", "fc1", "fc2")) < 4 * 100
+    # each row is that layer alone pruned, then re-normalized (the other layers as they were, not left pruned)
+    names = ("conv1", "conv2", "fc1", "fc2")
+    reference, _ = predict(model, images, 32)
+    for layer in ("conv2", "fc2"):
+        alone = magnitude_prune(copy.deepcopy(model), PruneConfig(0.95, exclude=tuple(n for n in names if n != layer),
+                                                                  prune_first_last=True, prune_depthwise=True))
+        alone = renormalize(alone, images, "exact", reference=model, batch_size=32)
+        expected = agreement(predict(alone, images, 32)[0], reference)
+        assert by[(layer, 0.95)]["kl"] == pytest.approx(expected["kl"], rel=1e-5, abs=1e-7), layer
+        assert by[(layer, 0.95)]["agreement_top1"] == expected["agreement_top1"], layer
+    unrenormalized = sensitivity(model, images, sparsities=(0.95,), renorm="none", batch_size=32)
+    assert any(r["kl"] != pytest.approx(by[(r["layer"], 0.95)]["kl"], rel=1e-3) for r in unrenormalized)
     assert "| conv1 |" in sensitivity_table(rows)
     plot_sensitivity(rows, tmp_path / "s.png")
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"

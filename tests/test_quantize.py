@@ -146,7 +146,6 @@ def test_codes_use_at_most_the_levels_of_the_bit_width():
         for c in range(32):  # each channel is alpha_c times an allowed level
             levels = torch.unique(q.dequantize()[c] / q.scale[c])
             allowed = W.code_values(torch.arange(-W.top_code(scheme, bits), W.top_code(scheme, bits) + 1), scheme)
-            assert all(torch.isclose(levels, v, rtol=1e-5).any() for v in levels)
             assert all(bool(torch.isclose(allowed, v, rtol=1e-5, atol=1e-6).any()) for v in levels)
 
 

@@ -177,8 +177,13 @@ def test_shift_keeps_the_reference_model_mode(small_net, images):
 
 
 def test_inplace_modifies_and_returns_the_same_model(small_net, images):
+    expected = renormalize(copy.deepcopy(small_net), images, "exact")
+    before = copy.deepcopy(small_net.state_dict())
     out = renormalize(small_net, images, "exact", inplace=True)
     assert out is small_net
+    assert not torch.equal(small_net.bn1.running_mean, before["bn1.running_mean"])  # modified...
+    for key, value in expected.state_dict().items():  # ...exactly as a copy is
+        assert torch.equal(small_net.state_dict()[key], value), key
 
 
 def test_model_without_batchnorm_is_returned_unchanged_with_a_warning(images):
