@@ -103,8 +103,8 @@ class ReconstructConfig:
     executor: str = "auto"
     cache_mb: float = 4096.0
     # fewer input rows per weight column: match FP32 weights, not FP32 outputs. 1.0 against 4.0 (256 images, top-1
-    # no renorm): fmnist-resnet18 W2 91.82 against 91.32, W3 92.61 / 92.52, fmnist-mobilenet_v2 W2 89.10 / 88.59,
-    # W3 90.60 / 90.56; EfficientNet-Lite0 W4 bit-identical (every layer has the rows at 224 px)
+    # without renorm after): fmnist-resnet18 W2 91.82 against 91.32, W3 92.58 / 92.52, fmnist-mobilenet_v2 W2
+    # 89.08 / 88.59, W3 90.60 / 90.56; EfficientNet-Lite0 W4 bit-identical (docs/RESULTS.md, reconstruction)
     min_rows_per_input: float = 1.0
     seed: int = 0
 
