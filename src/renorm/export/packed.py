@@ -2,7 +2,7 @@
 
 A renorm file is a plain torch.save of tensors, numbers and strings (it loads with
 weights_only=True, so opening one runs no code), its zip entries deflated (torch.load
-reads them as they are; 10-13% smaller than torch.save's stored entries on the
+reads them as they are; 11-20% smaller than torch.save's stored entries on the
 benchmarks' models): how to rebuild the architecture, the
 preprocessing preset, the state_dict without the quantized weights, and for each
 quantized layer its integer codes (packed two per byte at <= 4 bits) and per-channel
