@@ -366,3 +366,24 @@ def test_each_layer_reports_the_damping_it_used():
     assert all(row["reconstruction"]["damping"] == FALLBACK_DAMPING for row in single)
     default = weight_quantization_stats(reconstruct(quantized, fp32, images, ReconstructConfig(num_images=40)))
     assert all(row["reconstruction"]["damping"] == 0.1 for row in default)
+
+
+def test_a_layer_with_fewer_rows_than_weight_columns_aims_at_its_fp32_weights():
+    """The README's rule: below one input row per weight column a layer's target is its FP32 weights (under the
+    quantized inputs); from one row per column on, the FP32 outputs. On 14 images of 8x8 the rows per column are
+    conv1 896/27, conv2 224/72 = 3.1, fc1 14/16 = 0.88, fc2 14/12 = 1.17: the default threshold (1) sits between
+    fc1 and fc2, so moving it to 1.2 changes fc2 alone and to 0.8 fc1 (and what follows it) alone."""
+    torch.manual_seed(0)
+    fp32 = perturbed(SmallNet())
+    images = torch.randn(14, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    quantized = quantize_weights(fp32, WeightQuantConfig(bits=3, scheme="uniform", first_last_bits=3))
+
+    def codes(**threshold):
+        out = reconstruct(quantized, fp32, images, ReconstructConfig(num_images=14, **threshold))
+        return {name: getattr(getattr(out, name), ATTRIBUTE).codes for name in ("conv1", "conv2", "fc1", "fc2")}
+
+    default, above_fc2, below_fc1 = codes(), codes(min_rows_per_input=1.2), codes(min_rows_per_input=0.8)
+    assert all(torch.equal(default[name], above_fc2[name]) for name in ("conv1", "conv2", "fc1"))
+    assert not torch.equal(default["fc2"], above_fc2["fc2"])  # 1.17 rows per column: FP32 outputs by default
+    assert all(torch.equal(default[name], below_fc1[name]) for name in ("conv1", "conv2"))
+    assert not torch.equal(default["fc1"], below_fc1["fc1"])  # 0.88 rows per column: FP32 weights by default
