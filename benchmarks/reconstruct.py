@@ -62,14 +62,11 @@ FMNIST_DEFAULT = ("rtn", "gptq", "gptq, FP32 inputs")
 DESCENT = ("gptq + descent", "gptq + descent, 500 images")
 # every calibration image (1000): the images AIMET's AdaRound used in benchmarks.peers_reconstruct
 ALL_IMAGES = ("gptq, 1000 images", "gptq + descent, 1000 images")
-FMNIST_METHODS = {"fmnist-mobilenet_v2": {"W2 uniform": ("rtn", "gptq", "gptq, damping 0.01", "gptq, FP32 inputs",
-                                                          "gptq, 500 images", *DESCENT, *ALL_IMAGES, "adaround"),
-                                          "W3 uniform": FMNIST_DEFAULT + ("gptq, 500 images", *DESCENT, *ALL_IMAGES)},
-                  "fmnist-resnet18": {"W2 uniform": ("rtn", "gptq", "gptq, damping 0.01", "gptq, FP32 inputs",
-                                                     "gptq, 500 images", *DESCENT, *ALL_IMAGES),
-                                      "W3 uniform": FMNIST_DEFAULT + ("gptq, 500 images", *DESCENT, *ALL_IMAGES)}}
-FMNIST_METHODS = {name: {label: by_label.get(label, FMNIST_DEFAULT + ALL_IMAGES) for label, *_ in FMNIST_SETTINGS}
-                  for name, by_label in FMNIST_METHODS.items()}
+LOW_BITS = ("gptq, 500 images", *DESCENT, *ALL_IMAGES)  # the W3 and W2 rows beyond the default ones
+W2 = ("rtn", "gptq", "gptq, damping 0.01", "gptq, FP32 inputs", *LOW_BITS)
+FMNIST_METHODS = {name: {"W4A8 uniform": FMNIST_DEFAULT + ALL_IMAGES, "W4A8 pow2": FMNIST_DEFAULT + ALL_IMAGES,
+                         "W3 uniform": FMNIST_DEFAULT + LOW_BITS, "W2 uniform": W2 + extra}
+                  for name, extra in (("fmnist-mobilenet_v2", ("adaround",)), ("fmnist-resnet18", ()))}
 
 
 EARLIER_COMMIT = "ee00610"  # rows in reconstruct.json without a "commit" field were measured there

@@ -244,13 +244,11 @@ def _check_onnx_options(wbits: int, scheme: str, abits: int, layer_bits: Sequenc
 
     require("onnx")
     require("onnxruntime")
-    if scheme == "pow2" and 4 < wbits <= 8:
-        raise RenormError(f"--onnx takes pow2 weights up to 4 bits (levels up to 2^6 fit int8), not --wbits {wbits}; "
-                          "use --wbits 4 or --scheme uniform")
-    for pattern, bits in layer_bits:  # pow2 keeps 5 and 6 bits pow2 (7 and 8 become uniform)
+    given = [(f"--wbits {wbits}", wbits), *((f"--layer-bits {pattern}={bits}", bits) for pattern, bits in layer_bits)]
+    for flag, bits in given:  # pow2 keeps 5 and 6 bits pow2 (at 7 and 8 a layer is quantized uniform)
         if scheme == "pow2" and 4 < bits <= BITS_RANGE["pow2"][1]:
-            raise RenormError(f"--onnx takes pow2 weights up to 4 bits (levels up to 2^6 fit int8), not --layer-bits "
-                              f"{pattern}={bits}; use {pattern}=4, {pattern}=8 (uniform) or --scheme uniform")
+            raise RenormError(f"--onnx takes pow2 weights up to 4 bits (levels up to 2^6 fit int8), not {flag}; "
+                              "give 4 bits, 8 (uniform), or --scheme uniform")
     if abits not in (8, 32):
         raise RenormError(f"--onnx takes 8-bit activations (--abits 8) or float ones (--abits 32), not --abits {abits}")
 

@@ -219,11 +219,16 @@ def solve_gptq(problem: Problem, rounds: int = 2, sweeps: int = 0) -> tuple[torc
     refit = problem.refit_scale(best_values, best_scale)
     if sweeps > 0:  # kept row by row only where it is no worse (float32 round-off in the running gradient)
         descended = descend(problem, best_values, refit, sweeps)
-        rescaled = problem.refit_scale(descended, refit)
-        better = problem.error(descended * rescaled[..., None]) <= problem.error(best_values * refit[..., None])
-        best_values = torch.where(better[..., None], descended, best_values)
-        refit = torch.where(better, rescaled, refit)
+        return _rows_no_worse(problem, (descended, problem.refit_scale(descended, refit)), (best_values, refit))
     return best_values, refit
+
+
+def _rows_no_worse(problem: Problem, candidate: tuple[torch.Tensor, torch.Tensor],
+                   kept: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(levels, row scales): the candidate's rows where their objective is no higher than the kept ones'."""
+    (values, scale), (kept_values, kept_scale) = candidate, kept
+    better = problem.error(values * scale[..., None]) <= problem.error(kept_values * kept_scale[..., None])
+    return torch.where(better[..., None], values, kept_values), torch.where(better, scale, kept_scale)
 
 
 def _neighbours(x: torch.Tensor, scheme: str, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,10 +285,7 @@ def solve_adaround(problem: Problem, steps: int = 1000, learning_rate: float = 0
             optimizer.step()
     up = (logits.detach() >= 0).to(x.dtype)
     values = sign * (lower + up * gap)
-    candidate = values * row_scale
-    # never worse than nearest rounding, row by row
-    better = problem.error(candidate) <= problem.error(nearest)
-    values = torch.where(better[..., None], values, nearest / row_scale)
+    values, _ = _rows_no_worse(problem, (values, scale), (nearest / row_scale, scale))  # never worse than nearest
     return values, problem.refit_scale(values, scale)
 
 
