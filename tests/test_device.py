@@ -211,3 +211,12 @@ def test_threads_are_set_for_the_block_and_restored():
     with pytest.raises(RenormError, match="--threads"):
         with runtime.threads(0):
             pass
+
+
+def test_under_torchrun_cuda_takes_the_local_rank_and_cuda_n_is_used_as_given(monkeypatch):
+    """README: with --device cuda (or auto) each process takes cuda:LOCAL_RANK; an explicit cuda:N is used as given."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert runtime.resolve_device("cuda") == runtime.resolve_device("auto") == torch.device("cuda:1")
+    assert runtime.resolve_device("cuda:0") == torch.device("cuda:0")
