@@ -76,6 +76,18 @@ def test_compress_then_evaluate_the_saved_model(tmp_path, folder):
     assert again["kl"] == pytest.approx(report["accuracy"]["final"]["kl"], rel=1e-4)
 
 
+def test_renorm_auto_names_its_choice_and_the_scores_behind_it(tmp_path):
+    result = run("compress", "fmnist-mobilenet_v2", "--calib", "fashion-mnist-mini:train", "--num-images", "300",
+                 "--renorm", "auto", "--quiet", "--report", str(tmp_path / "r.json"))
+    assert result.returncode == 0, result.stderr
+    batchnorm = json.loads((tmp_path / "r.json").read_text())["batchnorm"]
+    assert batchnorm["mode"] == "auto" and batchnorm["scored_images"] == 256 and set(batchnorm["kl"]) == {
+        "exact", "shift", "none"}
+    assert batchnorm["chosen"] == min(batchnorm["kl"], key=batchnorm["kl"].get)
+    assert batchnorm["layers_updated"] == (0 if batchnorm["chosen"] == "none" else 52)
+    assert f"re-normalization: auto chose {batchnorm['chosen']} (KL to FP32 on 256 calibration images" in result.stdout
+
+
 def test_unreadable_calibration_files_are_counted_and_named(tmp_path, folder):
     for i in range(3):
         write_image(tmp_path / f"{i}.png", seed=i)

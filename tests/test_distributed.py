@@ -20,7 +20,7 @@ from conftest import SmallNet, perturbed, write_image
 from renorm import cli, distributed
 from renorm.data import make_preset, open_images
 from renorm.evaluate import evaluate
-from renorm.renormalize import renormalize
+from renorm.renormalize import renormalize, renormalize_with_summary
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 IMAGES = 129  # chunks of 64, 64 and 1: in the last one, the first process has no image
@@ -41,7 +41,12 @@ def _stages(folder: str):
     on_files = renormalize(model, files, chunk=8)
     exact = renormalize(model, images, chunk=64)
     shift = renormalize(model, images, mode="shift", reference=model, chunk=64)
-    return {"files": {k: v for k, v in on_files.state_dict().items() if "running" in k}, "skipped": files.skipped,
+    compressed = perturbed(SmallNet(), seed=3)
+    compressed.load_state_dict({k: v for k, v in model.state_dict().items() if "running" not in k}, strict=False)
+    compressed.conv2.weight.data.mul_(1.2)
+    auto, chose = renormalize_with_summary(compressed, images, mode="auto", reference=model, chunk=64)
+    return {"auto": {k: v for k, v in auto.state_dict().items() if "running" in k}, "chose": chose,
+            "files": {k: v for k, v in on_files.state_dict().items() if "running" in k}, "skipped": files.skipped,
             "exact": {k: v for k, v in exact.state_dict().items() if "running" in k},
             "shift": {k: v for k, v in shift.state_dict().items() if "running" in k},
             "accuracy": evaluate(exact, images_with_labels(images, labels), batch_size=16),
@@ -89,7 +94,9 @@ def test_two_processes_give_the_statistics_and_evaluation_of_one(tmp_path):
     for rank in range(2):
         many = torch.load(tmp_path / f"result.{rank}")
         assert many["skipped"] == one["skipped"]  # each process names the file the other one skipped
-        for mode in ("files", "exact", "shift"):
+        assert many["chose"]["chosen"] == one["chose"]["chosen"]
+        assert many["chose"]["kl"] == pytest.approx(one["chose"]["kl"], rel=1e-4, abs=1e-8)
+        for mode in ("files", "exact", "shift", "auto"):
             for key, value in one[mode].items():
                 torch.testing.assert_close(many[mode][key], value, rtol=1e-5, atol=1e-7, msg=f"{mode} {key}")
         assert _strip(many["accuracy"]) == _strip(one["accuracy"])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 import warnings
 
 import pytest
@@ -11,7 +12,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import SmallNet, perturbed
 from renorm.errors import RenormError
-from renorm.renormalize import Moments, _batch_moments, batchnorm_layers, renormalize
+from renorm.evaluate import agreement, predict
+from renorm.renormalize import MODES, Moments, _batch_moments, batchnorm_layers, renormalize, renormalize_with_summary
 
 
 @torch.no_grad()
@@ -260,6 +262,51 @@ def test_none_mode_and_bad_mode(small_net, images):
     assert_stats_close(stats(renormalize(small_net, images, "none")), stats(small_net), rtol=0, atol=0)
     with pytest.raises(RenormError, match="mode"):
         renormalize(small_net, images, "magic")
+
+
+def kl_to(model: nn.Module, reference: nn.Module, images: torch.Tensor) -> float:
+    return agreement(predict(model, images)[0], predict(reference, images)[0])["kl"]
+
+
+def test_auto_keeps_the_statistics_of_the_mode_closest_to_the_reference_on_the_last_images(small_net, images,
+                                                                                           monkeypatch):
+    monkeypatch.setattr(sys.modules["renorm.renormalize"], "AUTO_IMAGES", 40)
+    compressed = copy.deepcopy(small_net)
+    compressed.conv1.weight.data.mul_(1.4)
+    compressed.fc1.weight.data.add_(0.1)
+    tail = images[-40:]
+    each = {mode: renormalize(compressed, images, mode, reference=small_net, chunk=32) for mode in MODES}
+    kl = {mode: kl_to(model, small_net, tail) for mode, model in each.items()}
+    assert len(set(kl.values())) == 3  # a real choice
+    expected = min(MODES, key=lambda mode: kl[mode])
+    before = stats(compressed)
+    out, summary = renormalize_with_summary(compressed, images, "auto", reference=small_net, chunk=32)
+    assert summary["chosen"] == expected and summary["scored_images"] == 40
+    assert summary["kl"] == pytest.approx(kl, rel=1e-5)
+    assert_stats_close(stats(out), stats(each[expected]), rtol=0, atol=0)  # each mode started from the originals
+    assert_stats_close(stats(compressed), before, rtol=0, atol=0)  # the caller's model is untouched
+    # scored on the first 40 images instead, the KLs differ: the tail is what counts
+    assert kl_to(out, small_net, images[:40]) != pytest.approx(summary["kl"][expected], rel=1e-3)
+
+
+def test_auto_recovers_statistics_that_only_re_estimation_can_restore(small_net, images):
+    reference = renormalize(small_net, images, "exact", chunk=128)  # statistics at these images' fixed point
+    corrupted = perturbed(copy.deepcopy(reference), seed=7)  # same weights, wrong statistics (and affine)
+    corrupted.load_state_dict({k: v for k, v in reference.state_dict().items() if "running" not in k}, strict=False)
+    out, summary = renormalize_with_summary(corrupted, images, "auto", reference=reference, chunk=128)
+    assert summary["chosen"] == "exact" and summary["kl"]["exact"] < 1e-9 < summary["kl"]["none"]
+    assert_stats_close(stats(out), stats(reference), rtol=1e-5)
+
+
+def test_auto_leaves_an_uncompressed_model_as_it_is(small_net, images):
+    out, summary = renormalize_with_summary(small_net, images, "auto", reference=small_net)
+    assert summary["chosen"] in ("shift", "none") and summary["kl"]["exact"] > 1e-4
+    assert_stats_close(stats(out), stats(small_net), rtol=1e-5)
+
+
+def test_auto_needs_a_reference(small_net, images):
+    with pytest.raises(RenormError, match="reference"):
+        renormalize(small_net, images, "auto")
 
 
 def test_wrong_image_size_is_a_clear_error(images):

@@ -27,7 +27,7 @@ from renorm.quantize.activations import (ActivationQuantConfig, activation_quant
 from renorm.quantize.allocation import allocate_bits, check_average_bits
 from renorm.quantize.weights import WeightQuantConfig, layer_plans, quantize_weights, weight_quantization_stats
 from renorm.reconstruct import ReconstructConfig, reconstruct
-from renorm.renormalize import MODES, renormalize_with_summary
+from renorm.renormalize import CHOICES, renormalize_with_summary
 from renorm.report import accuracy_table, stage
 
 
@@ -39,7 +39,7 @@ class Config:
     scheme: str = "pow2"
     first_last_bits: int = 8
     abits: int = 32
-    # exact, shift or none. exact is the default after pruning too: over the 10 pruning rows of
+    # exact, shift, none or auto (renorm.renormalize). exact is the default after pruning too: over the 10 pruning rows of
     # docs/results/pruning.md it averaged 0.6 points above shift (shift won resnet18's filter
     # rows, exact mobilenet_v2's).
     renorm: str = "exact"
@@ -68,8 +68,8 @@ class Config:
     threads: int | None = None  # torch's CPU threads while compress runs (None: as they are); see renorm.device
 
     def __post_init__(self) -> None:
-        if self.renorm not in MODES:
-            raise RenormError(f"--renorm {self.renorm!r} is not a mode; choose one of {', '.join(MODES)}")
+        if self.renorm not in CHOICES:
+            raise RenormError(f"--renorm {self.renorm!r} is not a mode; choose one of {', '.join(CHOICES)}")
         if self.batch_size < 1:
             raise RenormError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.num_images < 1:

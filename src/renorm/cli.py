@@ -16,7 +16,7 @@ from renorm.errors import RenormError, one_line
 from renorm.images import PRESETS
 from renorm.prune import BUDGETS, IMPORTANCES, KINDS, SCOPES
 from renorm.quantize.plan import SCHEMES
-from renorm.renormalize import MODES
+from renorm.renormalize import AUTO_IMAGES, CHOICES, MODES
 from renorm.reconstruct import DEFAULT_METHOD as DEFAULT_RECONSTRUCT, METHODS as RECONSTRUCT_METHODS
 
 DEMO_REPORT = "renorm-demo-report.json"
@@ -109,9 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="gptq: N sweeps of coordinate descent over the weights after the rounding (default 0; "
                          "3 helped resnet18 at 2 bits, docs/RESULTS.md)")
     r = compress.add_argument_group("re-normalization")
-    r.add_argument("--renorm", default="exact", choices=MODES, help="exact (default: re-estimate from the "
+    r.add_argument("--renorm", default="exact", choices=CHOICES, help="exact (default: re-estimate from the "
                    "images), shift (correct the trained statistics by the shift compression caused; for few or "
-                   "unlike images), none")
+                   "unlike images), none, auto (each of the three, keeping the one whose outputs are closest to "
+                   f"FP32 on the last {AUTO_IMAGES} calibration images)")
     r.add_argument("--chunk", type=int, default=64, help="images per progressive re-estimation step "
                    "(default 64; memory is one chunk; the result does not depend on --batch-size)")
     p = compress.add_argument_group("pruning")
@@ -444,6 +445,10 @@ def _summary(report: dict[str, Any]) -> str:
     if stages:
         lines.append("time: " + ", ".join(f"{k} {v['seconds']:.1f}s" for k, v in stages.items())
                      + f"; peak memory {max(v['peak_rss_mb'] for v in stages.values()):.0f} MiB")
+    batchnorm = report.get("batchnorm")
+    if batchnorm and batchnorm.get("mode") == "auto" and batchnorm.get("kl"):
+        lines.append(f"re-normalization: auto chose {batchnorm['chosen']} (KL to FP32 on {batchnorm['scored_images']} "
+                     "calibration images: " + ", ".join(f"{m} {v:.4f}" for m, v in batchnorm["kl"].items()) + ")")
     pruned = report.get("prune")
     if pruned:
         line = (f"pruned ({pruned['type']} {pruned['fraction']:.0%}): params {pruned['params_before'] / 1e6:.2f}M -> "

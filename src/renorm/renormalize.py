@@ -7,6 +7,12 @@ Modes
          caused: mean += mu_comp - mu_fp32, var *= var_comp / var_fp32 (the FP32 model
          sees the same images). Robust when the images are few or unlike training data.
   none   leave the statistics alone.
+  auto   run each of the three and keep the one whose outputs are closest to the
+         reference model's (mean KL(reference || model)) on calibration images:
+         the last AUTO_IMAGES of them, which reconstruction (it takes the first) has
+         not fitted when there are enough. Ties keep the earlier of exact, shift, none.
+         Label-free; costs the exact and shift passes plus four scoring passes over
+         those images.
 
 How (both modes). The statistics the deployed, eval-mode network needs are a fixed
 point: each BatchNorm's input computed with every earlier BatchNorm already at its final
@@ -43,12 +49,15 @@ import torch
 from torch import nn
 
 from renorm import distributed
-from renorm.data import Batches, chunk_shares, no_readable_images
+from renorm.data import Batches, ImageSource, SubsetImages, chunk_shares, first_images, no_readable_images
 from renorm.errors import RenormError
 from renorm.forward import eval_mode, forward
 from renorm.prune import HISTORY_ATTRIBUTE, kept_channels, pruning_steps
 
 MODES = ("exact", "shift", "none")
+AUTO = "auto"
+CHOICES = MODES + (AUTO,)  # what renormalize() and --renorm accept
+AUTO_IMAGES = 256  # calibration images that score each mode in auto
 _DEAD = 1e-10  # a channel whose variance is below this fraction of its layer's mean variance
 _CANCEL = 100.0  # sums of squares are trusted while mean^2 <= _CANCEL * variance (relative error ~6e-8 x that ratio)
 
@@ -135,7 +144,8 @@ def renormalize(model: nn.Module, images: Any, mode: str = "exact", reference: n
 
     images: an ImageSource, an (N, C, H, W) tensor, or a re-iterable of batches (a
     DataLoader); batch_size is how they are read. chunk: images per progressive step (see
-    the module docstring). reference: the uncompressed model, required by mode='shift'.
+    the module docstring). reference: the uncompressed model, required by modes 'shift' and
+    'auto' (which leaves the statistics of the mode it chose).
     Nothing but running_mean / running_var changes; the model comes back in eval mode.
     A BatchNorm that never runs on the images keeps its statistics, and one that runs
     more than once per forward pass pools all its call sites; a warning names both
@@ -151,10 +161,11 @@ def renormalize_with_summary(model: nn.Module, images: Any, mode: str = "exact",
     """renormalize(), and what it did.
 
     The summary: {"mode", "images", "layers_updated", "not_run": [names of BatchNorms that
-    never ran], "shared": {name: calls per forward pass, for those that ran more than once}}.
+    never ran], "shared": {name: calls per forward pass, for those that ran more than once}};
+    mode 'auto' adds "chosen", "kl" ({mode: mean KL to the reference}) and "scored_images".
     """
-    if mode not in MODES:
-        raise RenormError(f"unknown re-normalization mode {mode!r}; choose one of {', '.join(MODES)}")
+    if mode not in CHOICES:
+        raise RenormError(f"unknown re-normalization mode {mode!r}; choose one of {', '.join(CHOICES)}")
     if chunk < 1:
         raise RenormError(f"the re-normalization chunk must be at least 1 image, got {chunk}")
     if isinstance(model, torch.jit.ScriptModule):
@@ -162,6 +173,8 @@ def renormalize_with_summary(model: nn.Module, images: Any, mode: str = "exact",
                           "load the eager model instead (torchvision:NAME --weights FILE)")
     work = model if inplace else copy.deepcopy(model)
     work.eval()
+    if mode == AUTO:
+        return work, _auto(work, images, reference, batch_size, chunk, progress)
     summary: dict[str, Any] = {"mode": mode, "images": 0, "layers_updated": 0, "not_run": [], "shared": {}}
     if mode == "none":
         return work, summary
@@ -181,6 +194,52 @@ def renormalize_with_summary(model: nn.Module, images: Any, mode: str = "exact",
     summary["layers_updated"] = len(layers) - len(summary["not_run"])
     _warn_unusual(summary)
     return work, summary
+
+
+def _auto(work: nn.Module, images: Any, reference: nn.Module | None, batch_size: int, chunk: int,
+          progress: bool) -> dict[str, Any]:
+    """Mode auto, in place: each mode in turn, the statistics of the one closest to `reference` kept."""
+    from renorm.evaluate import agreement, images_counted, predict
+
+    if reference is None:
+        raise RenormError("re-normalization mode 'auto' compares each mode with the uncompressed model: "
+                          "pass reference=<the FP32 model>")
+    layers = batchnorm_layers(work)
+    if not layers:
+        warnings.warn("the model has no BatchNorm layer with running statistics; nothing to re-normalize",
+                      stacklevel=4)
+        return {"mode": AUTO, "chosen": "none", "images": 0, "layers_updated": 0, "not_run": [], "shared": {}}
+    original = {name: (m.running_mean.clone(), m.running_var.clone()) for name, m in layers}
+    scored = scoring_images(images, AUTO_IMAGES)
+    reference_logits = predict(reference, scored, batch_size)[0]
+    kl: dict[str, float] = {}
+    best: tuple[str, dict, dict] | None = None
+    for mode in MODES:
+        for name, m in layers:
+            m.running_mean.copy_(original[name][0])
+            m.running_var.copy_(original[name][1])
+        _, summary = renormalize_with_summary(work, images, mode, reference, batch_size, chunk, inplace=True,
+                                              progress=progress)
+        logits = predict(work, scored, batch_size, progress, f"renormalize (auto): score {mode}")[0]
+        kl[mode] = agreement(logits, reference_logits, across_processes=True)["kl"]
+        if best is None or kl[mode] < kl[best[0]]:
+            best = (mode, summary, {name: (m.running_mean.clone(), m.running_var.clone()) for name, m in layers})
+    chosen, summary, statistics = best
+    for name, m in layers:
+        m.running_mean.copy_(statistics[name][0])
+        m.running_var.copy_(statistics[name][1])
+    return {**summary, "mode": AUTO, "chosen": chosen, "kl": kl,
+            "scored_images": images_counted(reference_logits, across_processes=True)}
+
+
+def scoring_images(images: Any, count: int) -> Any:
+    """The images mode auto scores on: the last `count` of an ImageSource or tensor, else the first `count`."""
+    data = images.data if isinstance(images, Batches) else images
+    if isinstance(data, ImageSource):
+        return SubsetImages(name=data.name, base=data, indices=list(range(max(0, len(data) - count), len(data))))
+    if isinstance(data, torch.Tensor):
+        return data[-count:]
+    return first_images(data, count)
 
 
 def _warn_unusual(summary: dict[str, Any]) -> None:

@@ -1,0 +1,116 @@
+"""Which re-normalization after which compression? `--renorm auto` against each mode.
+
+    python -m benchmarks.renorm_auto [--quick] [--models fmnist-resnet18 fmnist-mobilenet_v2]
+
+For each Fashion-MNIST reference and weight setting (round to nearest, and renorm's
+default GPTQ reconstruction): the weights are compressed once; then each mode (none,
+shift, exact) re-normalizes a copy, 8-bit activations are calibrated where the setting
+says A8, and the copy is scored on the full test set. `auto` runs on the same
+compressed weights; it keeps the statistics of one of the three modes (checked here,
+tensor for tensor), so its top-1 is that mode's. Its choice is label-free: the lowest
+mean KL(FP32 || model) on the last 256 of the 1000 calibration images (reconstruction
+fits the first 256). Columns: top-1 % per mode, auto's choice and its top-1 against
+`exact` (the default) and against the best mode in hindsight, each mode's KL on those
+images, and the seconds of `exact` and of `auto`. Each model can run in its own process;
+the table is rendered from docs/results/renorm_auto.json, which keeps the models measured
+before.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import time
+
+import torch
+
+from benchmarks.common import COMMIT, copy_of, fashion_mnist, markdown_table, merged, top1, write_result
+from renorm.models import load_model
+from renorm.quantize.activations import ActivationQuantConfig, calibrate_activations
+from renorm.quantize.weights import WeightQuantConfig, quantize_weights
+from renorm.renormalize import MODES, batchnorm_layers, renormalize_with_summary
+
+reconstruction = importlib.import_module("renorm.reconstruct")
+MODELS = ("fmnist-resnet18", "fmnist-mobilenet_v2")
+# label -> (bits, scheme, activation bits, reconstruct)
+SETTINGS = {"W8A8 uniform": (8, "uniform", 8, False), "W4A8 uniform": (4, "uniform", 8, False),
+            "W4A8 pow2": (4, "pow2", 8, False), "W3 uniform": (3, "uniform", 32, False),
+            "W2 uniform": (2, "uniform", 32, False), "W4A8 uniform, gptq": (4, "uniform", 8, True),
+            "W4A8 pow2, gptq": (4, "pow2", 8, True), "W3 uniform, gptq": (3, "uniform", 32, True),
+            "W2 uniform, gptq": (2, "uniform", 32, True)}
+
+
+def statistics(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [t for _, bn in batchnorm_layers(model) for t in (bn.running_mean, bn.running_var)]
+
+
+def measure(name: str, calib: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor) -> list[dict]:
+    fp32 = load_model(name).model.eval()
+    rows = []
+    for label, (bits, scheme, abits, rebuild) in SETTINGS.items():
+        weights = quantize_weights(copy_of(fp32), WeightQuantConfig(bits=bits, scheme=scheme))
+        if rebuild:
+            weights = reconstruction.reconstruct(weights, fp32, calib, reconstruction.ReconstructConfig("gptq"))
+        row = {"model": name, "setting": label, "top1": {}, "seconds": {}}
+        kept = {}
+        for mode in MODES + ("auto",):
+            start = time.perf_counter()
+            model, summary = renormalize_with_summary(weights, calib, mode, reference=fp32)
+            row["seconds"][mode] = time.perf_counter() - start
+            if mode == "auto":
+                row["chosen"], row["kl"] = summary["chosen"], summary["kl"]
+                same = all(torch.equal(a, b) for a, b in zip(statistics(model), kept[summary["chosen"]]))
+                assert same, f"{name} {label}: auto's statistics are not those of {summary['chosen']}"
+                break
+            kept[mode] = statistics(model)
+            if abits != 32:
+                model = calibrate_activations(model, calib, ActivationQuantConfig(abits))
+            row["top1"][mode] = top1(model, test_x, test_y)
+        row["top1"]["auto"] = row["top1"][row["chosen"]]
+        rows.append(row)
+        print(name, label, row["top1"], row["chosen"], {k: round(v, 1) for k, v in row["seconds"].items()}, flush=True)
+    return rows
+
+
+def render(data: dict[str, list[dict]]) -> str:
+    lines, gains, regrets = [], [], []
+    for name in data:
+        for row in data[name]:
+            t = row["top1"]
+            best = max(t[m] for m in MODES)
+            gains.append(t["auto"] - t["exact"])
+            regrets.append(best - t["auto"])
+            lines.append([name, row["setting"], *(f"{t[m]:.2f}" for m in MODES), f"{row['chosen']}",
+                          f"{t['auto']:.2f}", f"{t['auto'] - t['exact']:+.2f}", f"{best - t['auto']:.2f}",
+                          " / ".join(f"{row['kl'][m]:.4f}" for m in MODES),
+                          f"{row['seconds']['exact']:.1f}", f"{row['seconds']['auto']:.1f}", row["commit"]])
+    table = markdown_table(["model", "weights", *MODES, "auto chose", "auto", "auto - exact", "best - auto",
+                            "KL " + " / ".join(MODES), "exact s", "auto s", "commit"], lines)
+    summary = (f"Over {len(gains)} rows auto is {sum(gains) / len(gains):+.3f} point from `exact` on average "
+               f"(from {min(gains):+.2f} to {max(gains):+.2f}) and {sum(regrets) / len(regrets):.3f} below the best "
+               f"mode in hindsight (at most {max(regrets):.2f}); it picked the best mode on "
+               f"{sum(r == 0 for r in regrets)} rows.")
+    return table + "\n\n" + summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="2000 test images")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    args = parser.parse_args()
+    calib, test_x, test_y, names = fashion_mnist(1000, 2000 if args.quick else None)
+    suffix = "_quick" if args.quick else ""
+    fresh = {}
+    for name in args.models:
+        fresh[name] = [{**row, "commit": COMMIT} for row in measure(name, calib, test_x, test_y)]
+    data = merged("renorm_auto" + suffix, fresh)
+    body = (f"{len(calib)} unlabeled images from {names['calib']}; top-1 % on {names['test']} ({len(test_y)} "
+            "images); weights quantized per output channel, first and last layer 8-bit; gptq: renorm's default "
+            "reconstruction (256 images, damping 0.1); A8: 8-bit activations calibrated after re-normalization. "
+            "KL: mean KL(FP32 || model) on the last 256 calibration images, before activation quantization, what "
+            "auto compares. Seconds: the re-normalization stage alone, one process.\n\n" + render(data))
+    write_result("renorm_auto" + suffix, "Re-normalization mode: auto against none, shift and exact",
+                 "python -m benchmarks.renorm_auto", body, data)
+
+
+if __name__ == "__main__":
+    main()
