@@ -1,6 +1,6 @@
 """Which re-normalization after which compression? `--renorm auto` against each mode.
 
-    python -m benchmarks.renorm_auto [--quick] [--models fmnist-resnet18 fmnist-mobilenet_v2]
+    python -m benchmarks.renorm_auto [--quick] [--models fmnist-resnet18 fmnist-mobilenet_v2 efficientnet-lite0]
 
 For each Fashion-MNIST reference and weight setting (round to nearest, and renorm's
 default GPTQ reconstruction): the weights are compressed once; then each mode (none,
@@ -13,7 +13,9 @@ fits the first 256). Columns: top-1 % per mode, auto's choice and its top-1 agai
 `exact` (the default) and against the best mode in hindsight, each mode's KL on those
 images, and the seconds of `exact` and of `auto`. Each model can run in its own process;
 the table is rendered from docs/results/renorm_auto.json, which keeps the models measured
-before.
+before. EfficientNet-Lite0 (ImageNet weights, no activation quantization): calibration on
+500 crops of photos:calib, scored by top-1 agreement with its FP32 self on 500 crops of
+photos:eval (KL(FP32 || model) there in brackets), as in benchmarks.reconstruct.
 """
 from __future__ import annotations
 
@@ -23,34 +25,42 @@ import time
 
 import torch
 
-from benchmarks.common import COMMIT, copy_of, fashion_mnist, markdown_table, merged, top1, write_result
+from benchmarks.common import COMMIT, agree, copy_of, fashion_mnist, markdown_table, merged, top1, write_result
+from benchmarks.reconstruct import lite0_data
+from renorm.evaluate import predict
 from renorm.models import load_model
+from renorm.quantize.plan import parse_layer_bits
 from renorm.quantize.activations import ActivationQuantConfig, calibrate_activations
 from renorm.quantize.weights import WeightQuantConfig, quantize_weights
 from renorm.renormalize import MODES, batchnorm_layers, renormalize_with_summary
 
 reconstruction = importlib.import_module("renorm.reconstruct")
-MODELS = ("fmnist-resnet18", "fmnist-mobilenet_v2")
-# label -> (bits, scheme, activation bits, reconstruct)
-SETTINGS = {"W8A8 uniform": (8, "uniform", 8, False), "W4A8 uniform": (4, "uniform", 8, False),
-            "W4A8 pow2": (4, "pow2", 8, False), "W3 uniform": (3, "uniform", 32, False),
-            "W2 uniform": (2, "uniform", 32, False), "W4A8 uniform, gptq": (4, "uniform", 8, True),
-            "W4A8 pow2, gptq": (4, "pow2", 8, True), "W3 uniform, gptq": (3, "uniform", 32, True),
-            "W2 uniform, gptq": (2, "uniform", 32, True)}
+MODELS = ("fmnist-resnet18", "fmnist-mobilenet_v2", "efficientnet-lite0")
+# label -> (bits, scheme, activation bits, reconstruct, --layer-bits)
+SETTINGS = {"W8A8 uniform": (8, "uniform", 8, False, ()), "W4A8 uniform": (4, "uniform", 8, False, ()),
+            "W4A8 pow2": (4, "pow2", 8, False, ()), "W3 uniform": (3, "uniform", 32, False, ()),
+            "W2 uniform": (2, "uniform", 32, False, ()), "W4A8 uniform, gptq": (4, "uniform", 8, True, ()),
+            "W4A8 pow2, gptq": (4, "pow2", 8, True, ()), "W3 uniform, gptq": (3, "uniform", 32, True, ()),
+            "W2 uniform, gptq": (2, "uniform", 32, True, ())}
+LITE0_SETTINGS = {"W8 uniform": (8, "uniform", 32, False, ()), "W4 uniform": (4, "uniform", 32, False, ()),
+                  "W8 uniform, gptq": (8, "uniform", 32, True, ()), "W4 uniform, gptq": (4, "uniform", 32, True, ()),
+                  "W4 uniform, depthwise 8-bit, gptq": (4, "uniform", 32, True, ("depthwise=8",)),
+                  "W4 pow2, gptq": (4, "pow2", 32, True, ()), "W3 uniform, gptq": (3, "uniform", 32, True, ())}
 
 
 def statistics(model: torch.nn.Module) -> list[torch.Tensor]:
     return [t for _, bn in batchnorm_layers(model) for t in (bn.running_mean, bn.running_var)]
 
 
-def measure(name: str, calib: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor) -> list[dict]:
-    fp32 = load_model(name).model.eval()
+def measure(name: str, fp32: torch.nn.Module, calib: torch.Tensor, settings: dict, score) -> list[dict]:
+    """Rows of one model; score(model) -> {"top1": ..., and for agreement "kl"}."""
     rows = []
-    for label, (bits, scheme, abits, rebuild) in SETTINGS.items():
-        weights = quantize_weights(copy_of(fp32), WeightQuantConfig(bits=bits, scheme=scheme))
+    for label, (bits, scheme, abits, rebuild, layer_bits) in settings.items():
+        config = WeightQuantConfig(bits=bits, scheme=scheme, layer_bits=parse_layer_bits(layer_bits))
+        weights = quantize_weights(copy_of(fp32), config)
         if rebuild:
             weights = reconstruction.reconstruct(weights, fp32, calib, reconstruction.ReconstructConfig("gptq"))
-        row = {"model": name, "setting": label, "top1": {}, "seconds": {}}
+        row = {"model": name, "setting": label, "top1": {}, "eval_kl": {}, "seconds": {}}
         kept = {}
         for mode in MODES + ("auto",):
             start = time.perf_counter()
@@ -64,7 +74,10 @@ def measure(name: str, calib: torch.Tensor, test_x: torch.Tensor, test_y: torch.
             kept[mode] = statistics(model)
             if abits != 32:
                 model = calibrate_activations(model, calib, ActivationQuantConfig(abits))
-            row["top1"][mode] = top1(model, test_x, test_y)
+            scores = score(model)
+            row["top1"][mode] = scores["top1"]
+            if "kl" in scores:
+                row["eval_kl"][mode] = scores["kl"]
         row["top1"]["auto"] = row["top1"][row["chosen"]]
         rows.append(row)
         print(name, label, row["top1"], row["chosen"], {k: round(v, 1) for k, v in row["seconds"].items()}, flush=True)
@@ -72,42 +85,59 @@ def measure(name: str, calib: torch.Tensor, test_x: torch.Tensor, test_y: torch.
 
 
 def render(data: dict[str, list[dict]]) -> str:
-    lines, gains, regrets = [], [], []
+    lines, sentences = [], []
     for name in data:
+        gains, regrets = [], []
         for row in data[name]:
             t = row["top1"]
             best = max(t[m] for m in MODES)
             gains.append(t["auto"] - t["exact"])
             regrets.append(best - t["auto"])
-            lines.append([name, row["setting"], *(f"{t[m]:.2f}" for m in MODES), f"{row['chosen']}",
+            cells = [f"{t[m]:.2f}" + (f" ({row['eval_kl'][m]:.3f})" if row.get("eval_kl") else "") for m in MODES]
+            lines.append([name, row["setting"], *cells, f"{row['chosen']}",
                           f"{t['auto']:.2f}", f"{t['auto'] - t['exact']:+.2f}", f"{best - t['auto']:.2f}",
                           " / ".join(f"{row['kl'][m]:.4f}" for m in MODES),
                           f"{row['seconds']['exact']:.1f}", f"{row['seconds']['auto']:.1f}", row["commit"]])
+        sentences.append(f"{name}: over {len(gains)} rows auto is {sum(gains) / len(gains):+.2f} point from `exact` "
+                         f"on average (from {min(gains):+.2f} to {max(gains):+.2f}) and {sum(regrets) / len(regrets):.2f} "
+                         f"below the best mode in hindsight (at most {max(regrets):.2f}); it picked the best mode on "
+                         f"{sum(r == 0 for r in regrets)} of them.")
     table = markdown_table(["model", "weights", *MODES, "auto chose", "auto", "auto - exact", "best - auto",
                             "KL " + " / ".join(MODES), "exact s", "auto s", "commit"], lines)
-    summary = (f"Over {len(gains)} rows auto is {sum(gains) / len(gains):+.3f} point from `exact` on average "
-               f"(from {min(gains):+.2f} to {max(gains):+.2f}) and {sum(regrets) / len(regrets):.3f} below the best "
-               f"mode in hindsight (at most {max(regrets):.2f}); it picked the best mode on "
-               f"{sum(r == 0 for r in regrets)} rows.")
-    return table + "\n\n" + summary
+    return table + "\n\n" + "\n".join(f"- {s}" for s in sentences)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="2000 test images")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS,
+                        help="models to measure (none: re-render the table from the .json)")
     args = parser.parse_args()
     calib, test_x, test_y, names = fashion_mnist(1000, 2000 if args.quick else None)
     suffix = "_quick" if args.quick else ""
     fresh = {}
     for name in args.models:
-        fresh[name] = [{**row, "commit": COMMIT} for row in measure(name, calib, test_x, test_y)]
+        if name == "efficientnet-lite0":
+            fp32, crops, test = lite0_data(200 if args.quick else 500)
+            reference, _ = predict(fp32, test, 50)
+
+            def score(model, test=test, reference=reference):
+                result = agree(model, test, reference)
+                return {"top1": result["agreement_top1"], "kl": result["kl"]}
+
+            rows = measure(name, fp32.eval(), crops, LITE0_SETTINGS, score)
+        else:
+            rows = measure(name, load_model(name).model.eval(), calib, SETTINGS,
+                           lambda model: {"top1": top1(model, test_x, test_y)})
+        fresh[name] = [{**row, "commit": COMMIT} for row in rows]
     data = merged("renorm_auto" + suffix, fresh)
     body = (f"{len(calib)} unlabeled images from {names['calib']}; top-1 % on {names['test']} ({len(test_y)} "
             "images); weights quantized per output channel, first and last layer 8-bit; gptq: renorm's default "
             "reconstruction (256 images, damping 0.1); A8: 8-bit activations calibrated after re-normalization. "
             "KL: mean KL(FP32 || model) on the last 256 calibration images, before activation quantization, what "
-            "auto compares. Seconds: the re-normalization stage alone, one process.\n\n" + render(data))
+            "auto compares. Seconds: the re-normalization stage alone, one process. efficientnet-lite0: top-1 "
+            "agreement % with FP32 on 500 crops of photos:eval (KL(FP32 || model) there), calibration on 500 crops "
+            "of photos:calib.\n\n" + render(data))
     write_result("renorm_auto" + suffix, "Re-normalization mode: auto against none, shift and exact",
                  "python -m benchmarks.renorm_auto", body, data)
 
