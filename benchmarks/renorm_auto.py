@@ -107,12 +107,29 @@ def render(data: dict[str, list[dict]]) -> str:
     return table + "\n\n" + "\n".join(f"- {s}" for s in sentences)
 
 
+def _few(settings: dict, count: int, args) -> dict:
+    """The settings asked for (--settings), else with --quick the first and, with count 2, the last (a
+    reconstructed one), else all."""
+    names = list(settings)
+    if args.settings:
+        names = [name for name in names if name in args.settings]
+    elif args.quick:
+        names = (names[:1] + names[-1:])[:count]
+    return {name: settings[name] for name in names}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="2000 test images")
+    parser.add_argument("--quick", action="store_true", help="2000 test images, 200 crops, two settings per "
+                        "Fashion-MNIST model and one for Lite0")
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS,
                         help="models to measure (none: re-render the table from the .json)")
+    parser.add_argument("--settings", nargs="+", metavar="LABEL", help="only these settings (labels as in the "
+                        "table), e.g. \"W4 uniform, gptq\"")
     args = parser.parse_args()
+    unknown = set(args.settings or ()) - set(SETTINGS) - set(LITE0_SETTINGS)
+    if unknown:
+        parser.error(f"unknown settings {sorted(unknown)}; choose from {list(SETTINGS) + list(LITE0_SETTINGS)}")
     calib, test_x, test_y, names = fashion_mnist(1000, 2000 if args.quick else None)
     suffix = "_quick" if args.quick else ""
     fresh = {}
@@ -125,9 +142,9 @@ def main() -> None:
                 result = agree(model, test, reference)
                 return {"top1": result["agreement_top1"], "kl": result["kl"]}
 
-            rows = measure(name, fp32.eval(), crops, LITE0_SETTINGS, score)
+            rows = measure(name, fp32.eval(), crops, _few(LITE0_SETTINGS, 1, args), score)
         else:
-            rows = measure(name, load_model(name).model.eval(), calib, SETTINGS,
+            rows = measure(name, load_model(name).model.eval(), calib, _few(SETTINGS, 2, args),
                            lambda model: {"top1": top1(model, test_x, test_y)})
         fresh[name] = [{**row, "commit": COMMIT} for row in rows]
     data = merged("renorm_auto" + suffix, fresh)

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-SCRIPTS = ("accuracy", "pruning", "calib_size", "renorm_variants", "efficientnet", "speed", "reconstruct", "deploy")
+SCRIPTS = ("accuracy", "pruning", "calib_size", "renorm_variants", "renorm_auto", "efficientnet", "speed", "reconstruct", "deploy")
 
 
 def main() -> None:
