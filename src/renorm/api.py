@@ -39,9 +39,9 @@ class Config:
     scheme: str = "pow2"
     first_last_bits: int = 8
     abits: int = 32
-    # exact, shift, none or auto (renorm.renormalize). exact is the default after pruning too: over the 10 pruning rows of
-    # docs/results/pruning.md it averaged 0.6 points above shift (shift won resnet18's filter
-    # rows, exact mobilenet_v2's).
+    # exact, shift, none or auto (renorm.renormalize). exact is the default after pruning too:
+    # over the 10 pruning rows of docs/results/pruning.md it averaged 0.6 points above shift
+    # (shift won resnet18's filter rows, exact mobilenet_v2's).
     renorm: str = "exact"
     num_images: int = 1000
     act_images: int = 400
