@@ -168,7 +168,7 @@ def test_every_option_has_help_and_choices_show_in_usage(capsys):
             if action.option_strings and action.dest != "help":
                 assert action.help, f"renorm {name} {action.option_strings[0]} has no help"
     usage = commands["compress"].format_help()
-    for choices in ("{pow2,uniform,minmax}", "{exact,shift,none}", "{unstructured,filter}", "{l1,l2,bn}"):
+    for choices in ("{pow2,uniform,minmax}", "{exact,shift,none,auto}", "{unstructured,filter}", "{l1,l2,bn}"):
         assert choices in usage, choices
 
 
