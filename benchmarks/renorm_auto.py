@@ -62,15 +62,10 @@ def measure(name: str, fp32: torch.nn.Module, calib: torch.Tensor, settings: dic
             weights = reconstruction.reconstruct(weights, fp32, calib, reconstruction.ReconstructConfig("gptq"))
         row = {"model": name, "setting": label, "top1": {}, "eval_kl": {}, "seconds": {}}
         kept = {}
-        for mode in MODES + ("auto",):
+        for mode in MODES:
             start = time.perf_counter()
-            model, summary = renormalize_with_summary(weights, calib, mode, reference=fp32)
+            model, _ = renormalize_with_summary(weights, calib, mode, reference=fp32)
             row["seconds"][mode] = time.perf_counter() - start
-            if mode == "auto":
-                row["chosen"], row["kl"] = summary["chosen"], summary["kl"]
-                same = all(torch.equal(a, b) for a, b in zip(statistics(model), kept[summary["chosen"]]))
-                assert same, f"{name} {label}: auto's statistics are not those of {summary['chosen']}"
-                break
             kept[mode] = statistics(model)
             if abits != 32:
                 model = calibrate_activations(model, calib, ActivationQuantConfig(abits))
@@ -78,6 +73,12 @@ def measure(name: str, fp32: torch.nn.Module, calib: torch.Tensor, settings: dic
             row["top1"][mode] = scores["top1"]
             if "kl" in scores:
                 row["eval_kl"][mode] = scores["kl"]
+        start = time.perf_counter()
+        model, summary = renormalize_with_summary(weights, calib, "auto", reference=fp32)
+        row["seconds"]["auto"] = time.perf_counter() - start
+        row["chosen"], row["kl"] = summary["chosen"], summary["kl"]
+        same = all(torch.equal(a, b) for a, b in zip(statistics(model), kept[row["chosen"]]))
+        assert same, f"{name} {label}: auto's statistics are not those of {row['chosen']}"
         row["top1"]["auto"] = row["top1"][row["chosen"]]
         rows.append(row)
         print(name, label, row["top1"], row["chosen"], {k: round(v, 1) for k, v in row["seconds"].items()}, flush=True)

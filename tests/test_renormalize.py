@@ -304,6 +304,17 @@ def test_auto_leaves_an_uncompressed_model_as_it_is(small_net, images):
     assert_stats_close(stats(out), stats(small_net), rtol=1e-5)
 
 
+def test_auto_breaks_ties_towards_exact_then_shift(small_net, images, monkeypatch):
+    """The README: ties keep the earlier of exact, shift, none."""
+    evaluate = sys.modules["renorm.evaluate"]
+    monkeypatch.setattr(evaluate, "agreement", lambda *args, **kwargs: {"kl": 0.5})
+    compressed = copy.deepcopy(small_net)
+    compressed.conv1.weight.data.mul_(1.4)
+    out, summary = renormalize_with_summary(compressed, images, "auto", reference=small_net)
+    assert summary["chosen"] == "exact"
+    assert_stats_close(stats(out), stats(renormalize(compressed, images, "exact")), rtol=0, atol=0)
+
+
 def test_auto_needs_a_reference(small_net, images):
     with pytest.raises(RenormError, match="reference"):
         renormalize(small_net, images, "auto")
