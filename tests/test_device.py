@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -201,6 +205,30 @@ def test_default_threads_honour_omp_num_threads_and_the_affinity_mask(monkeypatc
     assert runtime.default_threads() == 2  # 6 of 8 cores busy elsewhere
     monkeypatch.setattr(runtime.os, "getloadavg", lambda: (20.0, 0.0, 0.0))
     assert runtime.default_threads() == 1
+    # The load average lags a minute; threads of other processes running right now count too.
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    monkeypatch.setattr(runtime, "_running_now", lambda: (8, 1))  # 7 running elsewhere, 1 of ours
+    assert runtime.default_threads() == 1
+    monkeypatch.setattr(runtime, "_running_now", lambda: (4, 1))
+    assert runtime.default_threads() == 4  # 3 busy of 8: the 4 cores of the mask are free
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)
+    monkeypatch.setattr(runtime, "_running_now", lambda: (3, 2))  # two renorm commands started together
+    assert runtime.default_threads() == 1
+    monkeypatch.setattr(runtime, "_running_now", lambda: None)  # no /proc: the load average alone
+    assert runtime.default_threads() == 2
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/loadavg"), reason="needs Linux's /proc")
+def test_a_process_spinning_now_counts_as_busy():
+    assert runtime._running_now()[1] >= 1  # this thread is running while it reads
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        assert runtime.running_elsewhere() >= 1
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 def test_threads_are_set_for_the_block_and_restored():

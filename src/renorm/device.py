@@ -7,6 +7,7 @@ only chooses: the thread count (torch.set_num_threads) and the device a spec nam
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -28,13 +29,17 @@ def available_cores() -> int:
 
 def default_threads() -> int:
     """OMP_NUM_THREADS when it is set to a positive number; else the cores this process may use, less
-    those that other processes keep busy (the 1-minute load average), at least 1.
+    those that other processes keep busy, at least 1. Busy: the 1-minute load average, or the
+    threads of other processes running right now (/proc/loadavg), whichever is higher.
 
     On a shared machine a thread that waits for a busy core stalls every parallel operation.
     On this project's 2-core machine with two other busy processes, 2 threads took 74.5 s for
     W4 weight quantization of resnet18 where 1 took 7.4 s, and 9.3 s for an inference pass
     where 1 took 3.7 s; with no extra busy process, 2 threads ran that pass in 0.86 s against
-    1.67 s (docs/results/threads.md, python -m benchmarks.threads).
+    1.67 s (docs/results/threads.md, python -m benchmarks.threads). The load average lags by
+    a minute: two renorm commands started together on an idle machine both saw it near 0, took
+    2 threads each and reconstructed mobilenet_v2 in minutes instead of seconds; the processes
+    running at the moment catch that (docs/results/threads_pair.md).
     """
     value = os.environ.get("OMP_NUM_THREADS", "").strip()
     if value.isdigit() and int(value) > 0:
@@ -44,8 +49,39 @@ def default_threads() -> int:
         busy = int(os.getloadavg()[0] + 0.5)
     except (AttributeError, OSError):  # no load average on this system
         busy = 0
-    free = (os.cpu_count() or cores) - busy
+    free = (os.cpu_count() or cores) - max(busy, running_elsewhere())
     return max(1, min(cores, free))
+
+
+def _running_now() -> tuple[int, int] | None:
+    """(threads running on the machine, threads of this process among them), from /proc; None elsewhere."""
+    try:
+        with open("/proc/loadavg") as f:
+            running = int(f.read().split()[3].split("/")[0])
+        own = 0
+        for task in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{task}/stat") as f:
+                    own += f.read().rpartition(")")[2].split()[0] == "R"
+            except OSError:  # the thread ended meanwhile
+                continue
+        return running, own
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def running_elsewhere(samples: int = 5, interval: float = 0.02) -> int:
+    """Threads of other processes running now: the median of a few samples of /proc/loadavg's
+    running count less this process's running threads (0 where there is no /proc)."""
+    counts = []
+    for i in range(samples):
+        now = _running_now()
+        if now is None:
+            return 0
+        counts.append(max(0, now[0] - now[1]))
+        if i + 1 < samples:
+            time.sleep(interval)
+    return sorted(counts)[len(counts) // 2]
 
 
 def check_threads(threads: int) -> int:

@@ -20,7 +20,10 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from renorm.data import Batches
+from renorm.device import threads
 from renorm.errors import RenormError
+
+SMALL_K = 32  # Moments.add: products of K x K matrices up to this K run on one thread
 
 
 @dataclass
@@ -49,9 +52,12 @@ class Moments:
         # float32 products per chunk (batched float64 matmuls are ~25x slower), float64 running sums
         q, r = quantized.float(), reference.float()
         qt = q.transpose(1, 2)
-        hessian = (qt @ q).double()
-        parts = (hessian, hessian if quantized is reference else (qt @ r).double(), q.double().sum(1),
-                 r.double().sum(1))
+        # Many tiny products (a depthwise layer: one K x K matrix per channel, K = 9 or 25) on one thread:
+        # as fast alone, and with another process busy on the same cores not 60x slower (docs/results/threads_pair.md)
+        with threads(1 if q.shape[-1] <= SMALL_K else None):
+            hessian = (qt @ q).double()
+            cross = hessian if quantized is reference else (qt @ r).double()
+        parts = (hessian, cross, q.double().sum(1), r.double().sum(1))
         self._merge(parts, quantized.shape[1])
 
     def _merge(self, parts: tuple, count: int) -> None:
