@@ -64,12 +64,13 @@ def main() -> None:
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="rows: processes started together")
     parser.add_argument("--idle-load", type=float, default=0.5,
                         help="before each row wait (up to 3 minutes) for the 1-minute load average to fall below this")
+    parser.add_argument("--default-only", action="store_true", help="only the rows with renorm's default threads")
     args = parser.parse_args()
     cores = available_cores()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for count in args.processes:
-            for threads in (None, cores):
+            for threads in (None,) if args.default_only else (None, cores):
                 deadline = time.monotonic() + 180  # an idle machine, as far as the load average can tell
                 while os.getloadavg()[0] >= args.idle_load and time.monotonic() < deadline:
                     time.sleep(5.0)
@@ -86,7 +87,8 @@ def main() -> None:
     table = markdown_table(["processes started together", "threads asked", "load average (1 min) before",
                             "threads used", "wall s", "reconstruct s", "quantize s"], rows)
     text = (f"# Two renorm commands at once\n\n`python -m benchmarks.threads_pair --wbits {args.wbits} --processes "
-            f"{' '.join(map(str, args.processes))}`; renorm commit "
+            f"{' '.join(map(str, args.processes))} --idle-load {args.idle_load}"
+            f"{' --default-only' if args.default_only else ''}`; renorm commit "
             f"{COMMIT}, torch {torch.__version__}, {cores} cores in this process's affinity mask, "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n\nEach process: `renorm compress "
             f"fmnist-mobilenet_v2 --calib fashion-mnist:train --wbits {args.wbits} --scheme uniform --reconstruct` "
