@@ -52,8 +52,9 @@ class Moments:
         # float32 products per chunk (batched float64 matmuls are ~25x slower), float64 running sums
         q, r = quantized.float(), reference.float()
         qt = q.transpose(1, 2)
-        # Many tiny products (a depthwise layer: one K x K matrix per channel, K = 9 or 25) on one thread:
-        # as fast alone, and with another process busy on the same cores not 60x slower (docs/results/threads_pair.md)
+        # Many tiny products (a depthwise layer: one K x K matrix per channel, K = 9 or 25) on one thread: as
+        # fast alone, and much less slowed by another process on the same cores (two 2-thread renorm commands on 2
+        # cores: reconstruction 134-139 s each against 283-284 s before; docs/results/threads_pair.md)
         with threads(1 if q.shape[-1] <= SMALL_K else None):
             hessian = (qt @ q).double()
             cross = hessian if quantized is reference else (qt @ r).double()
