@@ -70,7 +70,7 @@ def _running_now() -> tuple[int, int] | None:
         return None
 
 
-def running_elsewhere(samples: int = 5, interval: float = 0.02) -> int:
+def running_elsewhere(samples: int = 3, interval: float = 0.01) -> int:
     """Threads of other processes running now: the median of a few samples of /proc/loadavg's
     running count less this process's running threads (0 where there is no /proc)."""
     counts = []
