@@ -77,11 +77,8 @@ def main() -> None:
                 load = os.getloadavg()[0]
                 results = run_together(count, args.wbits, threads, Path(tmp))
                 label = "default" if threads is None else f"--threads {threads}"
-                row = [str(count), label, f"{load:.2f}",
-                       ", ".join(str(r["threads"]) for r in results),
-                       ", ".join(f"{r['seconds']:.1f}" for r in results),
-                       ", ".join(f"{r['reconstruct']:.1f}" for r in results),
-                       ", ".join(f"{r['quantize']:.1f}" for r in results)]
+                row = [str(count), label, f"{load:.2f}", ", ".join(str(r["threads"]) for r in results),
+                       *(", ".join(f"{r[key]:.1f}" for r in results) for key in ("seconds", "reconstruct", "quantize"))]
                 rows.append(row)
                 print(" | ".join(row), flush=True)
     table = markdown_table(["processes started together", "threads asked", "load average (1 min) before",
