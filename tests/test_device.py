@@ -231,6 +231,60 @@ def test_a_process_spinning_now_counts_as_busy():
         spinner.wait()
 
 
+def test_auto_threads_are_chosen_again_at_every_stage_and_restored_after(monkeypatch):
+    """Config(threads="auto") (the CLI without --threads): a process started during a long stage is seen
+    at the next one. Each stage runs with the count chosen at its start, which its report records."""
+    from renorm import api
+
+    answers, chosen, seen = iter([1, 2] * 10), [], {}
+
+    def choose():
+        chosen.append(next(answers))
+        return chosen[-1]
+
+    def spying(name, function):
+        def wrapper(*args, **kwargs):
+            seen[name] = torch.get_num_threads()
+            return function(*args, **kwargs)
+        monkeypatch.setattr(api, name, wrapper)
+
+    monkeypatch.setattr(api, "default_threads", choose)
+    spying("quantize_weights", api.quantize_weights)
+    spying("renormalize_with_summary", api.renormalize_with_summary)
+    torch.manual_seed(0)
+    images = torch.randn(24, 3, 12, 12)
+    before = torch.get_num_threads()
+    report = api.compress(perturbed(SmallNet(classes=2)), images, api.Config(wbits=4, abits=8, num_images=24,
+                          act_images=8, threads="auto"), eval_data=images).report
+    stages = report["stages"]
+    assert len(stages) == len(chosen) >= 5 and [record["threads"] for record in stages.values()] == chosen
+    assert seen == {"quantize_weights": stages["quantize"]["threads"],
+                    "renormalize_with_summary": stages["renormalize"]["threads"]}
+    assert torch.get_num_threads() == before
+    # a fixed count is set once and not recorded per stage
+    report = api.compress(perturbed(SmallNet(classes=2)), images, api.Config(wbits=4, num_images=24, threads=1)).report
+    assert all("threads" not in record for record in report["stages"].values()) and len(chosen) == len(stages)
+    for wrong in (0, "many", 1.5, True):
+        with pytest.raises(RenormError, match="threads"):
+            api.Config(threads=wrong)
+
+
+def test_the_cli_chooses_threads_at_every_stage_unless_threads_is_given(tmp_path, photo_folder):
+    from renorm import cli
+    import json
+
+    torch.manual_seed(0)
+    torch.save(perturbed(SmallNet(classes=2)), tmp_path / "small.pt")
+    base = ["compress", str(tmp_path / "small.pt"), "--trust-pickle", "--resize", "12", "--crop", "12", "--quiet",
+            "--calib", str(photo_folder), "--num-images", "16", "--workers", "0"]
+    assert cli.main([*base, "--report", str(tmp_path / "auto.json")]) == 0
+    assert cli.main([*base, "--threads", "1", "--report", str(tmp_path / "one.json")]) == 0
+    auto, one = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("auto", "one"))
+    assert auto["config"]["threads"] == "auto" and all(r["threads"] >= 1 for r in auto["stages"].values())
+    assert one["config"]["threads"] == 1 and one["runtime"]["threads"] == 1
+    assert all("threads" not in record for record in one["stages"].values())
+
+
 def test_threads_are_set_for_the_block_and_restored():
     before = torch.get_num_threads()
     with runtime.threads(1):

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from renorm import __version__
-from renorm.device import check_threads, threads
+from renorm.device import check_threads, default_threads, threads
 from renorm.data import Batches, ImageSource, Preset, first_images, open_images, sample
 from renorm.errors import RenormError
 from renorm.evaluate import agreement, accuracy, images_counted, predict
@@ -65,7 +66,10 @@ class Config:
     reconstruct_damping: float | str = 0.1  # see ReconstructConfig.damping
     reconstruct_sweeps: int = 0  # see ReconstructConfig.sweeps
     sensitivity_images: int = 32  # calibration images that measure each layer's sensitivity for avg_bits
-    threads: int | None = None  # torch's CPU threads while compress runs (None: as they are); see renorm.device
+    # torch's CPU threads while compress runs: a number, None (as they are), or "auto": renorm.device's
+    # default_threads() chosen again at the start of every stage, so that a process started during a long
+    # stage is seen at the next one; see renorm.device
+    threads: int | str | None = None
 
     def __post_init__(self) -> None:
         if self.renorm not in CHOICES:
@@ -85,7 +89,11 @@ class Config:
             check_average_bits(self.avg_bits)
         if self.reconstruct != "none":
             self.reconstruct_config()
-        if self.threads is not None:
+        if self.threads == "auto":
+            pass
+        elif self.threads is not None and not (isinstance(self.threads, int) and not isinstance(self.threads, bool)):
+            raise RenormError(f"threads {self.threads!r}: give a whole number >= 1, None or 'auto'")
+        elif self.threads is not None:
             check_threads(self.threads)
 
     def weight_config(self, extra_bits: tuple[tuple[str, int], ...] = ()) -> WeightQuantConfig:
@@ -130,9 +138,9 @@ def compress(model: nn.Module | str | LoadedModel, calib: Any, config: Config = 
     evaluated (report["accuracy"] is empty and report["evaluation"] says so). Every
     option is checked against the model before any pass over the data. Every stage runs
     on the model's device (move it with .to(device) first); config.threads sets torch's
-    CPU threads for the call.
+    CPU threads for the call ("auto": chosen again at the start of every stage).
     """
-    with threads(config.threads):
+    with threads(torch.get_num_threads() if config.threads == "auto" else config.threads):
         return _compress(_as_loaded(model), calib, config, eval_data, preset, progress)
 
 
@@ -164,7 +172,7 @@ def _compress(loaded: LoadedModel, calib: Any, config: Config, eval_data: Any, p
     accuracy_by_stage: dict[str, dict] = {}
     evaluator = _Evaluator(eval_data, fp32, config.batch_size, progress) if eval_data is not None else None
     if evaluator:
-        with stage(stages, "evaluate_fp32"):
+        with _stage(stages, config, "evaluate_fp32"):
             accuracy_by_stage["fp32"] = evaluator(fp32, "evaluate fp32")
 
     work = copy.deepcopy(fp32).eval()  # the one copy every stage works on in place
@@ -172,39 +180,39 @@ def _compress(loaded: LoadedModel, calib: Any, config: Config, eval_data: Any, p
     if config.prune:
         from renorm.prune import prune
 
-        with stage(stages, "prune"):
+        with _stage(stages, config, "prune"):
             example = _example(calib, config, count=config.batch_size)  # traces, and times the pruned model
             work, prune_report = prune(work, config.prune_config(), example=example, inplace=True)
     reference = copy.deepcopy(work) if config.reconstruct != "none" and config.prune else fp32
     weight_config = config.weight_config()
     if config.avg_bits is not None:
-        with stage(stages, "allocate_bits"):
+        with _stage(stages, config, "allocate_bits"):
             allocation, bits_report = allocate_bits(work, _example(calib, config, count=config.sensitivity_images),
                                                     weight_config, config.avg_bits, progress=progress)
         weight_config = config.weight_config(allocation)
-    with stage(stages, "quantize"):
+    with _stage(stages, config, "quantize"):
         quantize_weights(work, weight_config, progress, example, inplace=True)
     if config.reconstruct != "none":
-        with stage(stages, "reconstruct"):
+        with _stage(stages, config, "reconstruct"):
             reconstruct(work, reference, calib, config.reconstruct_config(), batch_size=config.batch_size,
                         inplace=True, progress=progress)
     if evaluator and (config.wbits != 32 or config.prune):
-        with stage(stages, "evaluate_compressed"):
+        with _stage(stages, config, "evaluate_compressed"):
             accuracy_by_stage["compressed"] = evaluator(work, "evaluate compressed")
 
-    with stage(stages, "renormalize"):
+    with _stage(stages, config, "renormalize"):
         work, batchnorm = renormalize_with_summary(work, calib, config.renorm, reference=fp32,
                                                    batch_size=config.batch_size, chunk=config.chunk, inplace=True,
                                                    progress=progress)
     if evaluator and config.renorm != "none":
-        with stage(stages, "evaluate_renormalized"):
+        with _stage(stages, config, "evaluate_renormalized"):
             accuracy_by_stage["renormalized"] = evaluator(work, "evaluate renormalized")
 
     if config.abits != 32:
-        with stage(stages, "calibrate_activations"):
+        with _stage(stages, config, "calibrate_activations"):
             calibrate_activations(work, calib, config.activation_config(), config.batch_size, progress, inplace=True)
         if evaluator:
-            with stage(stages, "evaluate_final"):
+            with _stage(stages, config, "evaluate_final"):
                 accuracy_by_stage["final"] = evaluator(work, "evaluate final")
 
     report = _report(loaded, preset, fp32, work, config, calib, evaluator, accuracy_by_stage, stages)
@@ -214,6 +222,20 @@ def _compress(loaded: LoadedModel, calib: Any, config: Config, eval_data: Any, p
     if bits_report is not None:
         report["bits"] = bits_report
     return Result(work, report)
+
+
+@contextmanager
+def _stage(stages: dict[str, dict], config: Config, name: str) -> Iterator[dict]:
+    """renorm.report.stage, after choosing the thread count again when config.threads is "auto"
+    (recorded as the stage's "threads")."""
+    chosen = None
+    if config.threads == "auto":
+        chosen = default_threads()
+        torch.set_num_threads(chosen)
+    with stage(stages, name) as record:
+        if chosen is not None:
+            record["threads"] = chosen
+        yield record
 
 
 def _report(loaded: LoadedModel, preset: Preset | None, fp32: nn.Module, work: nn.Module, config: Config,

@@ -209,7 +209,7 @@ def run_compress(args: argparse.Namespace) -> int:
                     prune_budget=args.prune_budget, prune_exclude=tuple(args.prune_exclude),
                     prune_first_last=args.prune_first_last, prune_depthwise=args.prune_depthwise,
                     layer_bits=parse_layer_bits(args.layer_bits), avg_bits=args.avg_bits, reconstruct=method,
-                    reconstruct_images=args.reconstruct_images, threads=args.threads,
+                    reconstruct_images=args.reconstruct_images, threads=args.threads if args.threads_given else "auto",
                     reconstruct_damping=parse_damping(args.reconstruct_damping),
                     reconstruct_sweeps=args.reconstruct_sweeps)
     _check_outputs(args, (args.model, args.weights), "--out", "--report", "--frontier", "--onnx")
@@ -516,7 +516,8 @@ def _runtime(args: argparse.Namespace) -> Iterator[None]:
 
     from renorm.device import check_threads, default_threads, resolve_device
 
-    threads = check_threads(args.threads) if getattr(args, "threads", None) is not None else default_threads()
+    args.threads_given = getattr(args, "threads", None) is not None  # else compress chooses again at each stage
+    threads = check_threads(args.threads) if args.threads_given else default_threads()
     args.threads = threads
     if getattr(args, "workers", None) is not None and args.workers < 0:
         raise RenormError(f"--workers must be 0 or more, got {args.workers}")
