@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 import pytest
 import torch
 import torch.nn.functional as F
@@ -387,3 +388,74 @@ def test_a_layer_with_fewer_rows_than_weight_columns_aims_at_its_fp32_weights():
     assert not torch.equal(default["fc2"], above_fc2["fc2"])  # 1.17 rows per column: FP32 outputs by default
     assert all(torch.equal(default[name], below_fc1[name]) for name in ("conv1", "conv2"))
     assert not torch.equal(default["fc1"], below_fc1["fc1"])  # 0.88 rows per column: FP32 weights by default
+
+
+# --------------------------------------------------------------------------- refined images
+def _trained_statistics(model: nn.Module, images: torch.Tensor) -> nn.Module:
+    """BatchNorm running statistics of `images` (as training would leave them), then eval mode."""
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average
+    with torch.no_grad():
+        model.train()(images)
+    return model.eval()
+
+
+def _statistics_gap(model: nn.Module, images: torch.Tensor) -> float:
+    """Sum over BatchNorms of the squared gap between the batch's and the running mean and std, over the variance."""
+    gaps = []
+
+    def hook(module, args):
+        x = args[0]
+        variance = module.running_var + module.eps
+        gaps.append(float((((x.mean((0, 2, 3)) - module.running_mean) ** 2 + (x.std((0, 2, 3), unbiased=False)
+                                                                              - variance.sqrt()) ** 2) / variance).mean()))
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        model(images)
+    for handle in handles:
+        handle.remove()
+    return sum(gaps)
+
+
+def test_refined_images_match_the_fp32_batchnorm_statistics_and_leave_the_model_alone():
+    from renorm.reconstruct.refine import refine_images
+
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(3)
+    fp32 = _trained_statistics(DepthwiseNet(), torch.randn(256, 3, 12, 12, generator=generator))
+    unlike = 0.3 * torch.randn(32, 3, 12, 12, generator=generator) + 0.5  # photos unlike the training set
+    state = copy.deepcopy(fp32.state_dict())
+    refined = refine_images(fp32, unlike, steps=30, learning_rate=0.05)
+    assert refined.shape == unlike.shape and refined.dtype == unlike.dtype and not refined.requires_grad
+    assert _statistics_gap(fp32, refined) < 0.2 * _statistics_gap(fp32, unlike)
+    assert all(torch.equal(value, state[key]) for key, value in fp32.state_dict().items())
+    assert all(p.requires_grad and p.grad is None for p in fp32.parameters()) and not fp32.training
+    with pytest.raises(RenormError, match="BatchNorm"):
+        refine_images(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()), unlike)
+    with pytest.raises(RenormError, match="steps"):
+        refine_images(fp32, unlike, steps=0)
+
+
+def test_reconstruction_adds_refined_copies_of_the_images_after_its_own(monkeypatch):
+    module = sys.modules["renorm.reconstruct"]
+    extras = []
+
+    def spy(reference, images, steps, progress=False):
+        extras.append(images.clone())
+        return images + 0.01
+
+    monkeypatch.setattr(module, "refine_images", spy)
+    torch.manual_seed(0)
+    fp32 = perturbed(DepthwiseNet())
+    images = torch.randn(40, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    quantized = quantize_weights(copy.deepcopy(fp32), WeightQuantConfig(bits=3, scheme="uniform"))
+    result = reconstruct(quantized, fp32, images, ReconstructConfig(num_images=24, refined=8))
+    assert torch.equal(extras[0], images[24:32])  # the 8 images after the 24 it reconstructs on
+    assert _output_gap(result, fp32, images) < _output_gap(quantized, fp32, images)
+    reconstruct(quantized, fp32, images[:20], ReconstructConfig(num_images=24, refined=8))
+    assert torch.equal(extras[1], images[:8])  # fewer images than asked: its first ones again
+    for wrong in (-1, 2.5):
+        with pytest.raises(RenormError, match="refined"):
+            ReconstructConfig(refined=wrong)

@@ -65,6 +65,7 @@ class Config:
     reconstruct_images: int = 256
     reconstruct_damping: float | str = 0.1  # see ReconstructConfig.damping
     reconstruct_sweeps: int = 0  # see ReconstructConfig.sweeps
+    reconstruct_refined: int = 0  # see ReconstructConfig.refined
     sensitivity_images: int = 32  # calibration images that measure each layer's sensitivity for avg_bits
     # torch's CPU threads while compress runs: a number, None (as they are), or "auto": renorm.device's
     # default_threads() chosen again at the start of every stage, so that a process started during a long
@@ -105,7 +106,8 @@ class Config:
 
     def reconstruct_config(self) -> ReconstructConfig:
         return ReconstructConfig(method=self.reconstruct, num_images=self.reconstruct_images, seed=self.seed,
-                                 damping=self.reconstruct_damping, sweeps=self.reconstruct_sweeps)
+                                 damping=self.reconstruct_damping, sweeps=self.reconstruct_sweeps,
+                                 refined=self.reconstruct_refined)
 
     def prune_config(self):
         from renorm.prune import PruneConfig

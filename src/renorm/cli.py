@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--reconstruct-sweeps", type=int, default=0, metavar="N",
                     help="gptq: N sweeps of coordinate descent over the weights after the rounding (default 0; "
                          "3 helped resnet18 at 2 bits, docs/RESULTS.md)")
+    rc.add_argument("--reconstruct-refined", type=int, default=0, metavar="N",
+                    help="also reconstruct on N more calibration images moved until the FP32 model's BatchNorm "
+                         "layers see their running statistics (default 0; 64: for a few photos unlike the "
+                         "training set, docs/RESULTS.md)")
     r = compress.add_argument_group("re-normalization")
     r.add_argument("--renorm", default="exact", choices=CHOICES, help="exact (default: re-estimate from the "
                    "images), shift (correct the trained statistics by the shift compression caused; for few or "
@@ -211,7 +215,7 @@ def run_compress(args: argparse.Namespace) -> int:
                     layer_bits=parse_layer_bits(args.layer_bits), avg_bits=args.avg_bits, reconstruct=method,
                     reconstruct_images=args.reconstruct_images, threads=args.threads if args.threads_given else "auto",
                     reconstruct_damping=parse_damping(args.reconstruct_damping),
-                    reconstruct_sweeps=args.reconstruct_sweeps)
+                    reconstruct_sweeps=args.reconstruct_sweeps, reconstruct_refined=args.reconstruct_refined)
     _check_outputs(args, (args.model, args.weights), "--out", "--report", "--frontier", "--onnx")
     _check_extras(plot=bool(args.frontier), prune=args.prune > 0 and args.prune_type != "unstructured")
     if args.onnx:

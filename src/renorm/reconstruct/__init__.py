@@ -60,6 +60,7 @@ from renorm.quantize.weights import ATTRIBUTE, MASK_ATTRIBUTE, QuantizedWeight, 
 from renorm.reconstruct.inputs import (Layer, LayerStats, Moments, Sampler, collect, count_images, cut_bytes, graph_of,
                                        layer_major,
                                        limited, sample_reference)
+from renorm.reconstruct.refine import refine_images
 from renorm.reconstruct.solvers import SOLVERS, Problem, solve_adaround, solve_gptq, solve_nearest
 
 __all__ = ["METHODS", "DEFAULT_METHOD", "Problem", "ReconstructConfig", "reconstruct", "solve_adaround", "solve_gptq",
@@ -106,6 +107,11 @@ class ReconstructConfig:
     # without renorm after): fmnist-resnet18 W2 91.82 against 91.32, W3 92.58 / 92.52, fmnist-mobilenet_v2 W2
     # 89.08 / 88.59, W3 90.60 / 90.56; EfficientNet-Lite0 W4 bit-identical (docs/RESULTS.md, reconstruction)
     min_rows_per_input: float = 1.0
+    # extra images: copies of the `refined` calibration images after the first num_images (fewer images: the
+    # first ones again), moved by refine_steps Adam passes until every BatchNorm of the FP32 model sees its
+    # running statistics (renorm.reconstruct.refine), then used beside the real ones
+    refined: int = 0
+    refine_steps: int = 30
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -125,6 +131,10 @@ class ReconstructConfig:
             raise RenormError(f"--reconstruct-sweeps {self.sweeps!r}: give a whole number >= 0 (e.g. 3)")
         if self.num_images < 1:
             raise RenormError(f"--reconstruct-images must be at least 1, got {self.num_images}")
+        if not isinstance(self.refined, int) or self.refined < 0:
+            raise RenormError(f"--reconstruct-refined {self.refined!r}: give a whole number >= 0 (e.g. 64)")
+        if not isinstance(self.refine_steps, int) or self.refine_steps < 1:
+            raise RenormError(f"reconstruction refine_steps {self.refine_steps!r}: give a whole number >= 1")
 
 
 def _trace(model: nn.Module, example: torch.Tensor, names: set[str]) -> tuple[list[str], dict[str, str]]:
@@ -261,6 +271,18 @@ def _apply(layer: Layer, problem: Problem, values: torch.Tensor, scale: torch.Te
             "objective_nearest": float(rtn.sum()), "objective": float(problem.error(new).sum())}
 
 
+def with_refined(stream: Batches, reference: nn.Module, count: int, config: ReconstructConfig,
+                 progress: bool = False) -> torch.Tensor:
+    """The first `count` images, then config.refined refined copies of the images after them (or, where
+    the stream ends sooner, of its first images again), as one tensor on the reference's device."""
+    taken = stream.first(count + config.refined).to(model_device(reference))
+    real, extra = taken[:count], taken[count:]
+    if len(extra) < config.refined:
+        again = real.repeat((config.refined - len(extra)) // len(real) + 1, *[1] * (real.dim() - 1))
+        extra = torch.cat([extra, again[: config.refined - len(extra)]])
+    return torch.cat([real, refine_images(reference, extra, config.refine_steps, progress=progress)])
+
+
 @torch.no_grad()
 def reconstruct(model: nn.Module, reference: nn.Module, images: Any, config: ReconstructConfig = ReconstructConfig(),
                 batch_size: int = 50, chunk: int = 32, inplace: bool = False, progress: bool = False) -> nn.Module:
@@ -294,6 +316,9 @@ def _reconstruct(work: nn.Module, reference: nn.Module, images: Any, config: Rec
                               "was quantized (after the same pruning)")
     stream = Batches(images, batch_size, False)
     count = count_images(images if not isinstance(images, Batches) else images.data, config.num_images)
+    if config.refined:
+        images = with_refined(stream, reference, count, config, progress)
+        stream, count = Batches(images, batch_size, False), len(images)
     device = model_device(work)  # images go where the model is: the passes below call the model directly
     example = stream.first(1).to(device)
     order, sinks = _trace(work, example, set(quantized))
