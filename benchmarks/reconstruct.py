@@ -48,17 +48,19 @@ METHODS = {"rtn": None, "gptq": {"method": "gptq"}, "gptq, damping 0.01": {"meth
            "gptq + descent, 500 images": {"method": "gptq", "sweeps": 3, "num_images": 500},
            "gptq, 1000 images": {"method": "gptq", "num_images": 1000},
            "gptq + descent, 1000 images": {"method": "gptq", "sweeps": 3, "num_images": 1000},
+           "gptq, 64 refined": {"method": "gptq", "refined": 64},
            "adaround": {"method": "adaround"}, "nearest": {"method": "nearest"}}
-ALL = ("rtn", "gptq", "gptq, damping 0.01", "gptq, FP32 inputs", "adaround")
+ALL = ("rtn", "gptq", "gptq, 64 refined", "gptq, damping 0.01", "gptq, FP32 inputs", "adaround")
 LITE0_SETTINGS = (("W4 uniform", 4, "uniform", (), ALL),
-                  ("W4 uniform, depthwise 8-bit", 4, "uniform", ("depthwise=8",), ("rtn", "gptq")),
-                  ("W4 pow2", 4, "pow2", (), ("rtn", "gptq")), ("W3 uniform", 3, "uniform", (), ("rtn", "gptq")),
-                  ("W8 uniform", 8, "uniform", (), ("rtn", "gptq")))
+                  ("W4 uniform, depthwise 8-bit", 4, "uniform", ("depthwise=8",), ("rtn", "gptq", "gptq, 64 refined")),
+                  ("W4 pow2", 4, "pow2", (), ("rtn", "gptq", "gptq, 64 refined")),
+                  ("W3 uniform", 3, "uniform", (), ("rtn", "gptq", "gptq, 64 refined")),
+                  ("W8 uniform", 8, "uniform", (), ("rtn", "gptq", "gptq, 64 refined")))
 FMNIST_SETTINGS = (("W4A8 uniform", 4, "uniform", 8), ("W4A8 pow2", 4, "pow2", 8), ("W3 uniform", 3, "uniform", 32),
                    ("W2 uniform", 2, "uniform", 32))
 # adaround where it fits a CPU budget: mobilenet_v2 at W2 only (805 s at W4A8 on one thread of a shared machine);
 # resnet18's 3x3 convs have K = 4608 inputs per row, ~30 GFLOP per Adam step, far outside it
-FMNIST_DEFAULT = ("rtn", "gptq", "gptq, FP32 inputs")
+FMNIST_DEFAULT = ("rtn", "gptq", "gptq, FP32 inputs", "gptq, 64 refined")
 DESCENT = ("gptq + descent", "gptq + descent, 500 images")
 # every calibration image (1000): the images AIMET's AdaRound used in benchmarks.peers_reconstruct
 ALL_IMAGES = ("gptq, 1000 images", "gptq + descent, 1000 images")
@@ -166,12 +168,13 @@ def resnet18_rows(args) -> list[dict]:
     torch.manual_seed(0)
     fp32 = torchvision.models.resnet18(weights=None).eval()
     loaded = load_model("efficientnet-lite0")  # its preset: ImageNet normalization, 224 px crops
-    calib = Batches(open_images(f"photos:calib:{args.images}", loaded.preset), 50).first(args.images)
+    count = args.images + 64  # the refined rows take the 64 after the first args.images
+    calib = Batches(open_images(f"photos:calib:{count}", loaded.preset), 50).first(count)
     quantized = quantize_weights(copy_of(fp32), WeightQuantConfig(bits=4, scheme="uniform"))
     data = []
-    for method in ("gptq", "gptq, FP32 inputs"):
+    for method in _chosen(("gptq", "gptq, FP32 inputs", "gptq, 64 refined"), args):
         _, cost = reconstructed(fp32, quantized, calib, method, args.images)
-        data.append({"weights": "W4 uniform", "method": method, **cost, "images": args.images})
+        data.append({"weights": "W4 uniform", "method": method, **cost, "images": args.images, "commit": COMMIT})
         print(data[-1], flush=True)
     return data
 
@@ -294,7 +297,10 @@ def write(args, rows: dict[str, list[dict]]) -> None:
             "calibration images (`--reconstruct-images 500`); `gptq + descent`: the default, then three sweeps of "
             "coordinate descent over the weights (each weight moved one level down or up where that lowers the layer's "
             "objective, then the row scales refitted; `ReconstructConfig(sweeps=3)`, not the default); `..., 1000 images`: on "
-            "every calibration image, the 1000 that AIMET's AdaRound uses in benchmarks.peers_reconstruct. Then re-normalization (`no renorm`: "
+            "every calibration image, the 1000 that AIMET's AdaRound uses in benchmarks.peers_reconstruct; `gptq, 64 refined`: "
+            "the default on its 256 images and 64 more (the next 64 calibration images) moved by 30 Adam passes until "
+            "the FP32 model's BatchNorm layers see their running statistics (`--reconstruct-refined 64`; the time "
+            "includes that). Then re-normalization (`no renorm`: "
             "the statistics reconstruction left) and, for A8 rows, 8-bit activations. Times on a shared 2-core "
             "machine.\n\n" + render(data))
     command = "python -m benchmarks.reconstruct" + (" --quick" if args.quick else "")
