@@ -1,6 +1,7 @@
 """Lite0's agreement on photos:eval: how much is the calibration sample, how much the photos?
 
-    python -m benchmarks.photo_spread [--subsets 3] [--dampings 0.1 0.3] [--sweeps 0] [--settings "W4 uniform" ...]
+    python -m benchmarks.photo_spread [--subsets 3] [--dampings 0.1 0.3] [--sweeps 0] [--refined 64]
+                                      [--settings "W4 uniform" ...]
 
 EfficientNet-Lite0, first/last 8-bit, the rest as each of --settings says (the
 weight settings of benchmarks.reconstruct's Lite0 table). For each of --subsets seeded
@@ -9,8 +10,10 @@ torch.randperm(500) under seed s): round to nearest + shift, and GPTQ reconstruc
 the 256 crops at each damping (with and without shift). Each model is scored twice
 against the FP32 model: on photos:eval:500 (four *other* photos: what the issue's
 targets are measured on) and on crops 500-999 of photos:calib (the calibration photos,
-crops not used: in the calibration's own domain). Writes docs/results/photo_spread.md,
-or --out NAME.md.
+crops not used: in the calibration's own domain). With --refined N, two more GPTQ rows per
+damping: on the subset's 256 crops and the next N of its permutation as they are (more real
+crops), and with those N refined (ReconstructConfig.refined = N, --reconstruct-refined).
+Writes docs/results/photo_spread.md, or --out NAME.md.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subsets", type=int, default=3)
     parser.add_argument("--dampings", type=float, nargs="+", default=[0.1, 0.3])
+    parser.add_argument("--refined", type=int, default=0, help="also rows with N more crops, as they are and refined")
     parser.add_argument("--sweeps", type=int, nargs="+", default=[0],
                         help="coordinate-descent sweeps after GPTQ (ReconstructConfig.sweeps); one row each")
     settings = {label: (bits, scheme, layer_bits) for label, bits, scheme, layer_bits, _ in LITE0_SETTINGS}
@@ -60,7 +64,8 @@ def main() -> None:
         quantized = quantize_weights(fp32, WeightQuantConfig(bits, scheme, layer_bits=parse_layer_bits(layer_bits)))
         prefix = "" if args.settings == ["W4 uniform"] else f"{setting}: "
         for subset in range(1, args.subsets + 1):
-            calib = pool[:POOL][torch.randperm(POOL, generator=torch.Generator().manual_seed(subset))[:CALIBRATION]]
+            order = torch.randperm(POOL, generator=torch.Generator().manual_seed(subset))
+            calib, more = pool[:POOL][order[:CALIBRATION]], pool[:POOL][order[:CALIBRATION + args.refined]]
             score(f"{prefix}round to nearest + shift", renormalize(quantized, calib, "shift", reference=fp32), subset)
             for damping in args.dampings:
                 for sweeps in args.sweeps:
@@ -69,6 +74,15 @@ def main() -> None:
                     label = f"{prefix}GPTQ, damping {damping:g}" + (f", {sweeps} sweeps of descent" if sweeps else "")
                     score(label, rebuilt, subset)
                     score(f"{label} + shift", renormalize(rebuilt, calib, "shift", reference=fp32), subset)
+                    if not args.refined:
+                        continue
+                    for extra, config in ((f"{args.refined} more crops", {"num_images": len(more)}),
+                                          (f"{args.refined} refined", {"num_images": CALIBRATION,
+                                                                       "refined": args.refined})):
+                        rebuilt = reconstruct(quantized, fp32, more, ReconstructConfig(damping=damping, sweeps=sweeps,
+                                                                                         **config))
+                        score(f"{label}, {extra}", rebuilt, subset)
+                        score(f"{label}, {extra} + shift", renormalize(rebuilt, calib, "shift", reference=fp32), subset)
 
     def cells(row: dict) -> list[str]:
         return [f"{row[name]['agreement_top1']:.1f} / {row[name]['agreement_top5']:.1f} / {row[name]['kl']:.3f}"
@@ -86,10 +100,11 @@ def main() -> None:
                              [[label, spread(rows, "eval", "agreement_top1", 1), spread(rows, "eval", "kl", 3),
                                spread(rows, "held", "agreement_top1", 1), spread(rows, "held", "kl", 3)]
                               for label, rows in results.items()])
-    options = "" if (args.subsets, args.dampings, args.sweeps, args.settings, args.out) == (
-        3, [0.1, 0.3], [0], ["W4 uniform"], "photo_spread") else \
+    options = "" if (args.subsets, args.dampings, args.sweeps, args.settings, args.out, args.refined) == (
+        3, [0.1, 0.3], [0], ["W4 uniform"], "photo_spread", 0) else \
         f" --subsets {args.subsets} --dampings {' '.join(f'{d:g}' for d in args.dampings)}" \
-        + (f" --sweeps {' '.join(str(s) for s in args.sweeps)}" if args.sweeps != [0] else "") + " --settings " \
+        + (f" --sweeps {' '.join(str(s) for s in args.sweeps)}" if args.sweeps != [0] else "") \
+        + (f" --refined {args.refined}" if args.refined else "") + " --settings " \
         + " ".join(f'"{setting}"' for setting in args.settings) + f" --out {args.out}"
     body = (f"EfficientNet-Lite0, {', '.join(args.settings)} (first/last 8-bit). Each subset: {CALIBRATION} of the "
             f"first {POOL} crops of photos:calib:{2 * POOL} (seeded permutation), used for reconstruction and "
