@@ -456,6 +456,10 @@ def test_reconstruction_adds_refined_copies_of_the_images_after_its_own(monkeypa
     assert _output_gap(result, fp32, images) < _output_gap(quantized, fp32, images)
     reconstruct(quantized, fp32, images[:20], ReconstructConfig(num_images=24, refined=8))
     assert torch.equal(extras[1], images[:8])  # fewer images than asked: its first ones again
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten())
+    reconstruct(quantize_weights(copy.deepcopy(plain), WeightQuantConfig(bits=4)), plain, images,
+                ReconstructConfig(num_images=24, refined=8))
+    assert len(extras) == 2  # no BatchNorm statistics to match: no refined images
     for wrong in (-1, 2.5):
         with pytest.raises(RenormError, match="refined"):
             ReconstructConfig(refined=wrong)
