@@ -65,7 +65,7 @@ DESCENT = ("gptq + descent", "gptq + descent, 500 images")
 # every calibration image (1000): the images AIMET's AdaRound used in benchmarks.peers_reconstruct
 ALL_IMAGES = ("gptq, 1000 images", "gptq + descent, 1000 images")
 LOW_BITS = ("gptq, 500 images", *DESCENT, *ALL_IMAGES)  # the W3 and W2 rows beyond the default ones
-W2 = ("rtn", "gptq", "gptq, damping 0.01", "gptq, FP32 inputs", *LOW_BITS)
+W2 = ("rtn", "gptq", "gptq, damping 0.01", "gptq, FP32 inputs", "gptq, 64 refined", *LOW_BITS)
 FMNIST_METHODS = {name: {"W4A8 uniform": FMNIST_DEFAULT + ALL_IMAGES, "W4A8 pow2": FMNIST_DEFAULT + ALL_IMAGES,
                          "W3 uniform": FMNIST_DEFAULT + LOW_BITS, "W2 uniform": W2 + extra}
                   for name, extra in (("fmnist-mobilenet_v2", ("adaround",)), ("fmnist-resnet18", ()))}

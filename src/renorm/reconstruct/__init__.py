@@ -31,6 +31,11 @@ Methods (each on the same statistics):
             objective, computed from H instead of from samples: exact and cheap).
   nearest   round to the nearest level (the baseline; only the offset is corrected).
 
+With `refined` > 0 the images are the first num_images and `refined` more, copies of the
+next calibration images moved until the FP32 network's BatchNorm layers see their running
+(training-set) statistics (renorm.reconstruct.refine): a few photos leave many channels
+quiet, and the refined images excite them as the training set did.
+
 Layers are handled one at a time in execution order, and each is solved and written
 back before the next one's inputs are measured, so later layers see -- and compensate --
 the rounding of earlier ones. When the model traces with torch.fx this costs one pass of
