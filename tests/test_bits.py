@@ -92,6 +92,7 @@ def test_allocate_bits_meets_the_budget_and_plots(tmp_path):
     (["--reconstruct", "--reconstruct-damping", "-1"], "--reconstruct-damping '-1': give a number >= 0"),
     (["--reconstruct", "--reconstruct-damping", "lots"], "or auto"),
     (["--reconstruct", "--reconstruct-sweeps", "-1"], "--reconstruct-sweeps -1: give a whole number >= 0"),
+    (["--reconstruct", "--reconstruct-refined", "-1"], "--reconstruct-refined -1: give a whole number >= 0"),
 ])
 def test_bad_bit_and_reconstruction_options_exit_2_before_any_pass(flags, fragment, capsys, tmp_path, monkeypatch):
     from renorm import cli
@@ -138,4 +139,6 @@ def test_reconstruct_sweeps_and_images_reach_the_reconstruction(monkeypatch):
                                    "--reconstruct-images", "100")
     assert config.reconstruct_config().sweeps == 3 and config.reconstruct_config().num_images == 100
     default = _config_compress_gets(monkeypatch, "--reconstruct").reconstruct_config()
-    assert default.sweeps == 0 and default.method == "gptq" and default.num_images == 256
+    assert default.sweeps == 0 and default.method == "gptq" and default.num_images == 256 and default.refined == 0
+    config = _config_compress_gets(monkeypatch, "--reconstruct", "--reconstruct-refined", "64")
+    assert config.reconstruct_config().refined == 64
