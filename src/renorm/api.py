@@ -90,11 +90,9 @@ class Config:
             check_average_bits(self.avg_bits)
         if self.reconstruct != "none":
             self.reconstruct_config()
-        if self.threads == "auto":
-            pass
-        elif self.threads is not None and not (isinstance(self.threads, int) and not isinstance(self.threads, bool)):
-            raise RenormError(f"threads {self.threads!r}: give a whole number >= 1, None or 'auto'")
-        elif self.threads is not None:
+        if self.threads is not None and self.threads != "auto":
+            if isinstance(self.threads, bool) or not isinstance(self.threads, int):
+                raise RenormError(f"threads {self.threads!r}: give a whole number >= 1, None or 'auto'")
             check_threads(self.threads)
 
     def weight_config(self, extra_bits: tuple[tuple[str, int], ...] = ()) -> WeightQuantConfig:
