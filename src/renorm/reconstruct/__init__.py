@@ -65,7 +65,8 @@ from renorm.quantize.weights import ATTRIBUTE, MASK_ATTRIBUTE, QuantizedWeight, 
 from renorm.reconstruct.inputs import (Layer, LayerStats, Moments, Sampler, collect, count_images, cut_bytes, graph_of,
                                        layer_major,
                                        limited, sample_reference)
-from renorm.reconstruct.refine import batchnorms, refine_images
+from renorm.reconstruct.refine import refine_images
+from renorm.renormalize import batchnorm_layers
 from renorm.reconstruct.solvers import SOLVERS, Problem, solve_adaround, solve_gptq, solve_nearest
 
 __all__ = ["METHODS", "DEFAULT_METHOD", "Problem", "ReconstructConfig", "reconstruct", "solve_adaround", "solve_gptq",
@@ -322,7 +323,7 @@ def _reconstruct(work: nn.Module, reference: nn.Module, images: Any, config: Rec
                               "was quantized (after the same pruning)")
     stream = Batches(images, batch_size, False)
     count = count_images(images if not isinstance(images, Batches) else images.data, config.num_images)
-    if config.refined and batchnorms(reference):  # nothing to match in a model without BatchNorm statistics
+    if config.refined and batchnorm_layers(reference):  # nothing to match in a model without BatchNorm statistics
         images = with_refined(stream, reference, count, config, progress)
         stream, count = Batches(images, batch_size, False), len(images)
     device = model_device(work)  # images go where the model is: the passes below call the model directly

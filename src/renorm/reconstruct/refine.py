@@ -17,12 +17,7 @@ import torch
 from torch import nn
 
 from renorm.errors import RenormError
-
-
-def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    """The BatchNorm layers of `model` that keep running statistics (what refine_images matches)."""
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            and m.running_mean is not None and m.running_var is not None]
+from renorm.renormalize import batchnorm_layers
 
 
 def refine_images(reference: nn.Module, images: torch.Tensor, steps: int = 30, learning_rate: float = 0.01,
@@ -42,7 +37,7 @@ def refine_images(reference: nn.Module, images: torch.Tensor, steps: int = 30, l
                           f"{steps}, {batch_size}, {learning_rate}")
     model = copy.deepcopy(reference).eval()
     model.requires_grad_(False)
-    layers = batchnorms(model)
+    layers = [layer for _, layer in batchnorm_layers(model)]
     if not layers:
         raise RenormError("refining calibration images needs BatchNorm layers with running statistics, and "
                           "this model has none; reconstruct without refined images (refined=0)")
